@@ -1,0 +1,25 @@
+"""kdengine: fused kernels for knowledge distillation, binary and spiking neural networks.
+
+Public API (stable names; see DESIGN in the README):
+
+* :func:`kd_loss`, :class:`KDLoss` — fused temperature softmax-KL (+ hard-label CE)
+* :func:`logits_matching_loss`, :func:`equal_mean_init_` — the T -> inf story
+* :mod:`kdengine.ops` — the ops, one entry point each
+* :func:`backends` — which backend can run each op here, and why not
+"""
+from kdengine._dispatch import backends
+from kdengine.losses import KDLoss, equal_mean_init_, logits_matching_loss
+from kdengine.ops import kd_loss
+from kdengine import ops
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "kd_loss",
+    "KDLoss",
+    "logits_matching_loss",
+    "equal_mean_init_",
+    "backends",
+    "ops",
+    "__version__",
+]

@@ -1,0 +1,156 @@
+"""Backend model: which backends exist, whether each one can run here, and which one an op uses.
+
+Every op registers one implementation per backend with :func:`register`. A call resolves its
+backend in this order: the explicit ``backend=`` argument, then the ``KDENGINE_BACKEND``
+environment variable, then ``"auto"`` (the fastest available backend for the tensors' device,
+in the order of :data:`AUTO_ORDER`). A backend that cannot run says why, never silently.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "KDENGINE_BACKEND"
+
+# Fastest first. On CUDA tensors triton is preferred over the hand-written CUDA kernels; on CPU
+# tensors the C++ kernels beat everything (see benches/results/).
+AUTO_ORDER = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
+}
+
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    reason: str
+
+    def __bool__(self) -> bool:  # pragma: no cover - convenience
+        return self.available
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import() -> Availability:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return Availability(False, f"triton cannot be imported: {exc}")
+    return Availability(True, f"triton {triton.__version__}")
+
+
+def _native_status(kind: str) -> Availability:
+    from kdengine import _native
+
+    return _native.status(kind)
+
+
+def backend_availability(backend: str, device_type: str | None = None) -> Availability:
+    """Can ``backend`` run, for tensors on ``device_type`` (``None``: on any device)?"""
+    if backend == "reference":
+        return Availability(True, "pure torch, always available")
+    if backend == "cpu":
+        if device_type not in (None, "cpu"):
+            return Availability(False, f"the cpu backend runs on CPU tensors, not {device_type}")
+        return _native_status("cpu")
+    if backend == "triton":
+        imp = _triton_import()
+        if not imp.available:
+            return imp
+        if device_type == "cpu" or (device_type is None and not torch.cuda.is_available()):
+            if triton_interpret():
+                return Availability(True, f"{imp.reason}, interpreter (TRITON_INTERPRET=1) on CPU")
+            return Availability(
+                False, "no CUDA GPU; triton runs on CPU only with TRITON_INTERPRET=1 (tests)"
+            )
+        if not torch.cuda.is_available():
+            return Availability(False, "no CUDA GPU visible to torch")
+        return Availability(True, f"{imp.reason} on {torch.cuda.get_device_name()}")
+    if backend == "cuda":
+        if device_type not in (None, "cuda"):
+            return Availability(False, f"the cuda backend runs on CUDA tensors, not {device_type}")
+        if not torch.cuda.is_available():
+            return Availability(False, "no CUDA GPU visible to torch")
+        return _native_status("cuda")
+    raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
+
+
+# op name -> backend name -> implementation
+_REGISTRY: dict[str, dict[str, Callable]] = {}
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+
+    def deco(fn: Callable) -> Callable:
+        _REGISTRY.setdefault(op, {})[backend] = fn
+        return fn
+
+    return deco
+
+
+def implementation(op: str, backend: str) -> Callable:
+    return _REGISTRY[op][backend]
+
+
+def ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def resolve(op: str, device: torch.device, backend: str | None) -> str:
+    """Pick the backend for ``op`` on ``device``; raise a clear error if the choice cannot run."""
+    requested = backend
+    source = "backend argument"
+    if requested is None or requested == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != "auto" and requested is None:
+            requested, source = env, f"{ENV_VAR} environment variable"
+        else:
+            requested = "auto"
+    impls = _REGISTRY.get(op, {})
+    if requested == "auto":
+        for name in AUTO_ORDER.get(device.type, ("reference",)):
+            if name in impls and backend_availability(name, device.type).available:
+                return name
+        return "reference"
+    if requested not in BACKENDS:
+        raise ValueError(
+            f"backend (from the {source}) must be one of {BACKENDS} or 'auto', got {requested!r}"
+        )
+    if requested not in impls:
+        raise ValueError(f"op {op!r} has no {requested!r} backend; it has {sorted(impls)}")
+    avail = backend_availability(requested, device.type)
+    if not avail.available:
+        raise RuntimeError(
+            f"backend {requested!r} (from the {source}) cannot run {op!r} on {device.type} "
+            f"tensors: {avail.reason}"
+        )
+    return requested
+
+
+def backends() -> dict[str, dict[str, dict[str, object]]]:
+    """For each op and backend: ``{"available": bool, "reason": str}`` (for any device here)."""
+    _load_ops()
+    out: dict[str, dict[str, dict[str, object]]] = {}
+    for op in ops():
+        out[op] = {}
+        for name in BACKENDS:
+            if name not in _REGISTRY[op]:
+                out[op][name] = {"available": False, "reason": "not implemented for this op"}
+                continue
+            a = backend_availability(name, None)
+            out[op][name] = {"available": a.available, "reason": a.reason}
+    return out
+
+
+def _load_ops() -> None:
+    import kdengine.ops  # noqa: F401  (registers every op's backends)

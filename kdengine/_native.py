@@ -1,0 +1,139 @@
+"""Builds and loads the native kernels in ``kdengine/csrc`` (JIT, ninja, cached).
+
+``csrc/cpu/*.cpp`` become one shared library that registers its ops under ``torch.ops.kdengine_cpu``;
+``csrc/cuda/*.cu`` and ``*.cpp`` become ``torch.ops.kdengine_cuda``. Each source file registers its
+own ops with ``TORCH_LIBRARY_FRAGMENT``, so adding a kernel is adding a file. The first use compiles
+(about a minute on 2 cores); later uses load the cached library (``KDENGINE_CACHE`` or
+``~/.cache/kdengine``). ``kdengine build`` compiles ahead of time.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+from kdengine._dispatch import Availability
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+_LOCK = threading.Lock()
+_ERRORS: dict[str, str] = {}
+_LOADED: set[str] = set()
+
+CPU_CFLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"]
+CUDA_CFLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+
+
+class NativeBuildError(RuntimeError):
+    """The native extension could not be compiled or loaded; the message carries the log."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KDENGINE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "kdengine"
+    )
+    tag = f"torch{torch.__version__.replace('+', '_')}"
+    return Path(root) / tag
+
+
+def sources(kind: str) -> list[Path]:
+    if kind == "cpu":
+        return sorted((CSRC / "cpu").glob("*.cpp"))
+    if kind == "cuda":
+        d = CSRC / "cuda"
+        return sorted(list(d.glob("*.cu")) + list(d.glob("*.cpp")))
+    raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
+
+
+def _digest(files: list[Path]) -> str:
+    h = hashlib.sha1()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    for hdr in sorted((CSRC).rglob("*.h")) + sorted(CSRC.rglob("*.cuh")):
+        h.update(hdr.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _build(kind: str, verbose: bool = False) -> None:
+    from torch.utils import cpp_extension
+
+    files = sources(kind)
+    if not files:
+        raise NativeBuildError(f"no {kind} sources under {CSRC / kind}")
+    name = f"kdengine_{kind}_{_digest(files)}"
+    build_dir = cache_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(
+        name=name,
+        sources=[str(f) for f in files],
+        extra_include_paths=[str(CSRC)],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    if kind == "cpu":
+        kwargs["extra_cflags"] = CPU_CFLAGS
+    else:
+        kwargs["extra_cflags"] = ["-O3", "-std=c++17"]
+        kwargs["extra_cuda_cflags"] = CUDA_CFLAGS
+    cpp_extension.load(**kwargs)
+
+
+def _prerequisite(kind: str) -> str | None:
+    """Why ``kind`` cannot be built here, or None."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # noqa: F401
+        except ImportError:
+            return "ninja is not installed (pip install ninja)"
+    if kind == "cpu":
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            return "no C++ compiler (c++) on PATH"
+        return None
+    from torch.utils import cpp_extension
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch"
+    if cpp_extension.CUDA_HOME is None:
+        return "no CUDA toolkit (nvcc / CUDA_HOME) found"
+    return None
+
+
+def load(kind: str, verbose: bool = False) -> None:
+    """Compile (if needed) and load the ``kind`` extension; raise :class:`NativeBuildError`."""
+    with _LOCK:
+        if kind in _LOADED:
+            return
+        if kind in _ERRORS:
+            raise NativeBuildError(_ERRORS[kind])
+        why = _prerequisite(kind)
+        if why is not None:
+            _ERRORS[kind] = why
+            raise NativeBuildError(why)
+        try:
+            _build(kind, verbose=verbose)
+        except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError
+            msg = f"building the {kind} extension failed: {exc}"
+            _ERRORS[kind] = msg
+            raise NativeBuildError(msg) from exc
+        _LOADED.add(kind)
+
+
+def status(kind: str) -> Availability:
+    try:
+        load(kind)
+    except NativeBuildError as exc:
+        return Availability(False, str(exc))
+    return Availability(True, f"native {kind} extension built in {cache_dir()}")
+
+
+@functools.lru_cache(maxsize=None)
+def ops(kind: str):
+    """``torch.ops.kdengine_cpu`` / ``torch.ops.kdengine_cuda`` after loading the library."""
+    load(kind)
+    return getattr(torch.ops, f"kdengine_{kind}")

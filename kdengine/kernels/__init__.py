@@ -1,0 +1,1 @@
+"""Triton kernels, one module per kernel family (GPU; on CPU only under TRITON_INTERPRET=1)."""

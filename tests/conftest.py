@@ -1,0 +1,23 @@
+"""Test setup: Triton kernels run through the interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before triton is first imported, hence here, at collection time.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh seed per test run (printed on failure), so inputs differ from run to run."""
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    request.node.user_properties.append(("seed", s))
+    print(f"seed={s}")
+    return s
