@@ -62,8 +62,8 @@ def logits_matching_loss(
     """MSE logits matching, the T -> inf face of KD (PAPERS.md section 1).
 
     Per row: ``1/(2V) * ||d||^2`` with ``d = z - v`` (or ``d - mean(d)`` when ``centered``); with
-    ``centered=True`` it equals ``kd_loss(z, v, float("inf"))``. Reductions as in ``kd_loss``
-    (``"mean"`` is the plain elementwise MSE / 2).
+    ``centered=True`` it equals ``kd_loss(z, v, float("inf"))`` for every reduction. Reductions as
+    in ``kd_loss``: ``"batchmean"`` is the elementwise MSE / 2, ``"mean"`` divides that by V again.
     """
     s = _check_logits("student_logits", student_logits)
     t = _check_logits("teacher_logits", teacher_logits)
