@@ -1,4 +1,4 @@
-"""`kdengine` command line: doctor, build, bench."""
+"""`kdengine` command line: doctor, build, bench, repro."""
 from __future__ import annotations
 
 import argparse
@@ -71,6 +71,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["repro"]:  # the repro registry owns its own arguments
+        from kdengine.repro import main as repro_main
+
+        return repro_main(argv[1:])
     ap = argparse.ArgumentParser(prog="kdengine", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("doctor", help="which backends can run each op here, and why not")
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--out", default="bench-results/kdengine-bench.json", help="JSON output path")
     p.set_defaults(fn=_bench)
+    sub.add_parser("repro", help="paper reproductions: kdengine repro --list | NAME [--quick]")
     args = ap.parse_args(argv)
     return args.fn(args)
 

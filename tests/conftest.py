@@ -9,6 +9,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Blocks smaller than the test vocabularies (V up to 301), so the Triton kernels' multi-block
+# loops run in the tests and not only their single-block path.
+os.environ.setdefault("KDENGINE_TRITON_KD_BLOCK", "128")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
