@@ -85,17 +85,39 @@ def backend_availability(backend: str, device_type: str | None = None) -> Availa
 
 # op name -> backend name -> implementation
 _REGISTRY: dict[str, dict[str, Callable]] = {}
+# (op, backend) -> names of the native ops (torch.ops.kdengine_<backend>.*) the implementation calls
+_NATIVE_OPS: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
-def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+def register(op: str, backend: str, native_ops: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Register ``fn`` as the ``backend`` implementation of ``op``; ``native_ops`` names the
+    library ops it needs, so a native library that lacks them is reported unavailable."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
 
     def deco(fn: Callable) -> Callable:
         _REGISTRY.setdefault(op, {})[backend] = fn
+        if native_ops:
+            _NATIVE_OPS[(op, backend)] = tuple(native_ops)
         return fn
 
     return deco
+
+
+def op_availability(op: str, backend: str, device_type: str | None = None) -> Availability:
+    """:func:`backend_availability`, and for native backends also: does the built library have
+    the native ops this op's implementation calls?"""
+    avail = backend_availability(backend, device_type)
+    needed = _NATIVE_OPS.get((op, backend), ())
+    if not avail.available or not needed:
+        return avail
+    from kdengine import _native
+
+    missing = [n for n in needed if not _native.has_op(backend, n)]
+    if missing:
+        return Availability(False, f"the {backend} library has no {', '.join(missing)} "
+                                   f"(no kernel source for {op!r} in csrc/{backend})")
+    return avail
 
 
 def implementation(op: str, backend: str) -> Callable:
@@ -119,7 +141,7 @@ def resolve(op: str, device: torch.device, backend: str | None) -> str:
     impls = _REGISTRY.get(op, {})
     if requested == "auto":
         for name in AUTO_ORDER.get(device.type, ("reference",)):
-            if name in impls and backend_availability(name, device.type).available:
+            if name in impls and op_availability(op, name, device.type).available:
                 return name
         return "reference"
     if requested not in BACKENDS:
@@ -128,7 +150,7 @@ def resolve(op: str, device: torch.device, backend: str | None) -> str:
         )
     if requested not in impls:
         raise ValueError(f"op {op!r} has no {requested!r} backend; it has {sorted(impls)}")
-    avail = backend_availability(requested, device.type)
+    avail = op_availability(op, requested, device.type)
     if not avail.available:
         raise RuntimeError(
             f"backend {requested!r} (from the {source}) cannot run {op!r} on {device.type} "
@@ -147,7 +169,7 @@ def backends() -> dict[str, dict[str, dict[str, object]]]:
             if name not in _REGISTRY[op]:
                 out[op][name] = {"available": False, "reason": "not implemented for this op"}
                 continue
-            a = backend_availability(name, None)
+            a = op_availability(op, name, None)
             out[op][name] = {"available": a.available, "reason": a.reason}
     return out
 

@@ -137,3 +137,19 @@ def ops(kind: str):
     """``torch.ops.kdengine_cpu`` / ``torch.ops.kdengine_cuda`` after loading the library."""
     load(kind)
     return getattr(torch.ops, f"kdengine_{kind}")
+
+
+def has_op(kind: str, name: str) -> bool:
+    """Is ``torch.ops.kdengine_<kind>.<name>`` registered (after loading the library)?"""
+    try:
+        load(kind)
+    except NativeBuildError:
+        return False
+    return torch._C._dispatch_has_kernel(f"kdengine_{kind}::{name}") or _has_schema(kind, name)
+
+
+def _has_schema(kind: str, name: str) -> bool:
+    try:
+        return torch._C._get_schema(f"kdengine_{kind}::{name}", "") is not None
+    except RuntimeError:
+        return False

@@ -15,7 +15,7 @@ def backend_params(op: str, device: str = "cpu") -> list:
     for name in _dispatch.BACKENDS:
         if name not in _dispatch._REGISTRY.get(op, {}):
             continue
-        avail = _dispatch.backend_availability(name, device)
+        avail = _dispatch.op_availability(op, name, device)
         marks = () if avail.available else (pytest.mark.skip(reason=f"{name}: {avail.reason}"),)
         out.append(pytest.param(name, marks=marks, id=name))
     return out

@@ -297,7 +297,7 @@ def test_backend_selection(monkeypatch):
         kdengine.kd_loss(s, t, backend="cuda")
     monkeypatch.delenv("KDENGINE_BACKEND")
     auto = _dispatch.resolve("kd_loss", s.device, "auto")
-    expected = "cpu" if _dispatch.backend_availability("cpu", "cpu").available else "reference"
+    expected = "cpu" if _dispatch.op_availability("kd_loss", "cpu", "cpu").available else "reference"
     assert auto == expected
 
 

@@ -41,12 +41,12 @@ def _reference(student, teacher, labels, cfg):
     return loss.detach(), gs, gt
 
 
-@_dispatch.register("kd_loss", "cpu")
+@_dispatch.register("kd_loss", "cpu", native_ops=("kd_loss_fwd",))
 def _cpu(student, teacher, labels, cfg):
     return _native_call("cpu", student, teacher, labels, cfg)
 
 
-@_dispatch.register("kd_loss", "cuda")
+@_dispatch.register("kd_loss", "cuda", native_ops=("kd_loss_fwd",))
 def _cuda(student, teacher, labels, cfg):
     return _native_call("cuda", student, teacher, labels, cfg)
 

@@ -1,0 +1,391 @@
+"""Shared helpers of the reproductions: data, small models, training through the Distiller,
+mean +- std over seeds, and the result files (JSON + markdown table + PNG plot).
+
+Result files, for a reproduction ``name`` in ``out_dir``:
+
+* ``name.json``: machine, date, data split, seeds, every per-seed row, the summary, notes;
+* ``name.md``: a table of mean +- std over seeds per group (e.g. dataset x method), the machine,
+  date, data split and the notes (which method beats vanilla KD and which does not);
+* ``name.png``: a plot (default: bars of the primary metric with std error bars).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kdengine.train import Distiller, evaluate, predict_logits
+from kdengine.train.checkpoint import atomic_write_bytes, atomic_write_text
+
+# --------------------------------------------------------------------------- data
+
+
+def mnist_split(seed: int = 0, n_train: int = 8000) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The project's fixed MNIST split (of the 10k official test images, see kdengine.data):
+    ``((x_train (n_train,1,28,28) float32 in [0,1], y_train int64), (x_test, y_test))``."""
+    from kdengine.data import load_mnist
+
+    tr = load_mnist(split="train", seed=seed, n_train=n_train)
+    te = load_mnist(split="test", seed=seed, n_train=n_train)
+    return (tr[0], tr[1]), (te[0], te[1])
+
+
+def mnist_note(seed: int = 0, n_train: int = 8000) -> str:
+    return (f"MNIST: the 10,000 official test images (LeCun, Cortes, Burges; CC BY-SA 3.0) split by a "
+            f"seeded permutation (seed {seed}) into {n_train} train / {10000 - n_train} test; "
+            "the 60k training set is not used")
+
+
+# --------------------------------------------------------------------------- models
+
+
+def mlp(in_dim: int, hidden: Sequence[int], n_classes: int, *, dropout: float = 0.0) -> nn.Sequential:
+    """Flatten -> [Linear -> ReLU (-> Dropout)] * len(hidden) -> Linear(n_classes).
+
+    The last module is the logit layer (an ``nn.Linear``; see :func:`final_linear`)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    d = in_dim
+    for h in hidden:
+        layers += [nn.Linear(d, h), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        d = h
+    layers.append(nn.Linear(d, n_classes))
+    return nn.Sequential(*layers)
+
+
+def small_cnn(n_classes: int = 10, channels: Sequence[int] = (8, 16), hidden: int = 64,
+              in_channels: int = 1, image_size: int = 28) -> nn.Sequential:
+    """A small MNIST CNN: [Conv3x3 -> ReLU -> MaxPool2] per entry of ``channels``, then
+    Flatten -> Linear(hidden) -> ReLU -> Linear(n_classes) (the logit layer, last)."""
+    layers: list[nn.Module] = []
+    c, s = in_channels, image_size
+    for ch in channels:
+        layers += [nn.Conv2d(c, ch, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        c, s = ch, s // 2
+    layers += [nn.Flatten(), nn.Linear(c * s * s, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)]
+    return nn.Sequential(*layers)
+
+
+def final_linear(model: nn.Module) -> nn.Linear:
+    """The last ``nn.Linear`` of ``model`` (in module registration order): the logit layer."""
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear logit layer")
+    return last
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_model(
+    model: nn.Module,
+    train: tuple[Tensor, Tensor],
+    losses: Any,
+    *,
+    test: Optional[tuple[Tensor, Tensor]] = None,
+    teacher: nn.Module | Tensor | None = None,
+    epochs: int = 5,
+    lr: float = 0.05,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str = "cpu",
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    cosine: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train ``model`` with the :class:`~kdengine.train.Distiller` and report accuracies.
+
+    Returns ``{"test_acc", "train_acc", "history", "time_s"}`` (accuracies in [0, 1]; train_acc is
+    the eval-mode accuracy on the whole training set at the end).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum,
+                                                     weight_decay=weight_decay)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1)) if cosine else None
+    t0 = time.perf_counter()
+    d = Distiller(model, opt, losses, teacher=teacher, scheduler=sched, device=device,
+                  batch_size=batch_size, seed=seed, progress=progress)
+    hist = d.fit(train, epochs, test=test)
+    out = {
+        "train_acc": evaluate(model, train, device=device),
+        "history": hist,
+        "time_s": time.perf_counter() - t0,
+    }
+    if test is not None:
+        out["test_acc"] = evaluate(model, test, device=device)
+    d.close()
+    return out
+
+
+def cached_logits(model: nn.Module, x: Tensor, device: str = "cpu") -> Tensor:
+    """Eval-mode logits of ``model`` on ``x`` (float32, no grad): a teacher cache."""
+    return predict_logits(model, x, device=device)
+
+
+def kd_backend(device: str = "cpu") -> str:
+    """The kd_loss backend the KD terms of a repro resolve to on ``device`` (for the report)."""
+    from kdengine import _dispatch
+
+    return _dispatch.resolve("kd_loss", torch.device(device), None)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single value)."""
+    v = [float(x) for x in values]
+    if not v:
+        raise ValueError("mean_std needs at least one value")
+    m = statistics.fmean(v)
+    s = statistics.stdev(v) if len(v) > 1 else 0.0
+    return m, s
+
+
+def fmt_pm(m: float, s: float, *, scale: float = 1.0, digits: int = 2) -> str:
+    """``"m ± s"`` (times ``scale``), fixed-point, or scientific for small non-zero values."""
+    a, b = m * scale, s * scale
+    if a != 0 and abs(a) < 10 ** (-digits):
+        return f"{a:.{digits}e} ± {b:.1e}"
+    return f"{a:.{digits}f} ± {b:.{digits}f}"
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], group_by: Sequence[str],
+              metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Group rows by ``group_by`` (in first-seen order) and give mean/std/n of each metric."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in group_by), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        entry: dict[str, Any] = dict(zip(group_by, key))
+        entry["n"] = len(rs)
+        for m in metrics:
+            vals = [r[m] for r in rs if m in r and r[m] is not None and not
+                    (isinstance(r[m], float) and math.isnan(r[m]))]
+            if vals:
+                entry[f"{m}_mean"], entry[f"{m}_std"] = mean_std(vals)
+        out.append(entry)
+    return out
+
+
+def compare_to(summary: Sequence[Mapping[str, Any]], *, baseline: str, metric: str = "test_acc",
+               method_key: str = "method", within: Sequence[str] = ("dataset",),
+               higher_is_better: bool = True, scale: float = 100.0, unit: str = " points") -> list[str]:
+    """Plain-language notes: for each group in ``within``, does each method beat ``baseline``?
+
+    A method "beats" the baseline when its mean is better; the note adds whether the difference
+    is larger than the two standard deviations combined (sqrt(s1^2 + s2^2)), i.e. whether it is
+    distinguishable from seed noise.
+    """
+    notes = []
+    by_group: dict[tuple, list[Mapping[str, Any]]] = {}
+    for e in summary:
+        by_group.setdefault(tuple(e.get(k) for k in within), []).append(e)
+    for g, entries in by_group.items():
+        base = next((e for e in entries if e.get(method_key) == baseline), None)
+        if base is None or f"{metric}_mean" not in base:
+            continue
+        where = ", ".join(f"{k}={v}" for k, v in zip(within, g))
+        for e in entries:
+            if e is base or f"{metric}_mean" not in e:
+                continue
+            d = e[f"{metric}_mean"] - base[f"{metric}_mean"]
+            noise = math.hypot(e.get(f"{metric}_std", 0.0), base.get(f"{metric}_std", 0.0))
+            better = d > 0 if higher_is_better else d < 0
+            verdict = "beats" if better else "does NOT beat"
+            sig = "larger than" if abs(d) > noise else "within"
+            notes.append(f"[{where}] {e[method_key]} {verdict} {baseline}: "
+                         f"{d * scale:+.2f}{unit} ({sig} the combined seed std {noise * scale:.2f})")
+    return notes
+
+
+# --------------------------------------------------------------------------- result files
+
+
+def _machine() -> dict[str, Any]:
+    from kdengine.bench.machine import machine_info
+
+    return machine_info()
+
+
+def markdown_table(summary: Sequence[Mapping[str, Any]], group_by: Sequence[str],
+                   metrics: Sequence[str], *, labels: Optional[Mapping[str, str]] = None,
+                   scale: Optional[Mapping[str, float]] = None, digits: int = 2) -> str:
+    labels = labels or {}
+    scale = scale or {}
+    head = list(group_by) + [labels.get(m, m) for m in metrics] + ["seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in summary:
+        cells = [str(e.get(k, "")) for k in group_by]
+        for m in metrics:
+            if f"{m}_mean" in e:
+                cells.append(fmt_pm(e[f"{m}_mean"], e[f"{m}_std"], scale=scale.get(m, 1.0), digits=digits))
+            else:
+                cells.append("–")
+        cells.append(str(e["n"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def default_bar_plot(ax: Any, summary: Sequence[Mapping[str, Any]], group_by: Sequence[str],
+                     metric: str, scale: float = 1.0, ylabel: str = "") -> None:
+    """Grouped bars of ``metric`` (mean, std error bars): first group key = x groups, the rest
+    = bars within a group."""
+    import numpy as np
+
+    outer_key = group_by[0]
+    outer = list(dict.fromkeys(e.get(outer_key) for e in summary))
+    inner = list(dict.fromkeys(tuple(e.get(k) for k in group_by[1:]) for e in summary))
+    width = 0.8 / max(len(inner), 1)
+    x = np.arange(len(outer))
+    lows = []
+    for j, ik in enumerate(inner):
+        means, stds = [], []
+        for o in outer:
+            e = next((e for e in summary if e.get(outer_key) == o
+                      and tuple(e.get(k) for k in group_by[1:]) == ik), None)
+            means.append(e[f"{metric}_mean"] * scale if e and f"{metric}_mean" in e else np.nan)
+            stds.append(e[f"{metric}_std"] * scale if e and f"{metric}_std" in e else 0.0)
+        lows += [m - s for m, s in zip(means, stds) if not np.isnan(m)]
+        ax.bar(x + (j - (len(inner) - 1) / 2) * width, means, width, yerr=stds, capsize=2,
+               label=" / ".join(str(v) for v in ik))
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(o) for o in outer])
+    if lows:
+        hi = max(e[f"{metric}_mean"] * scale for e in summary if f"{metric}_mean" in e)
+        lo = min(lows)
+        pad = max((hi - lo) * 0.3, 1e-3)
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.set_ylabel(ylabel or metric)
+    ax.legend(fontsize=7)
+
+
+def write_results(
+    name: str,
+    rows: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    *,
+    title: str,
+    group_by: Sequence[str] = ("dataset", "method"),
+    metrics: Sequence[str] = ("test_acc",),
+    labels: Optional[Mapping[str, str]] = None,
+    scale: Optional[Mapping[str, float]] = None,
+    data_note: str = "",
+    notes: Sequence[str] = (),
+    setup: Optional[Mapping[str, Any]] = None,
+    extra_md: str = "",
+    plot: bool | Callable[[Any, list[dict[str, Any]]], None] = True,
+    wall_s: Optional[float] = None,
+    seeds: Optional[Sequence[int]] = None,
+) -> dict[str, Any]:
+    """Write ``name.json``, ``name.md`` and ``name.png`` into ``out_dir`` (atomically).
+
+    Args:
+        rows: one dict per run (group keys, ``seed``, metrics).
+        title: heading of the markdown file.
+        group_by / metrics: the summary table's grouping and columns (mean +- std over seeds).
+        labels / scale: column display names and multipliers (e.g. 100 for accuracies in %).
+        data_note: the data and split, written verbatim.
+        notes: plain-language findings (e.g. from :func:`compare_to`).
+        setup: hyper-parameters etc., written to JSON and as a list in markdown.
+        extra_md: more markdown appended (e.g. a second table).
+        plot: True for the default bar chart of ``metrics[0]``, False for none, or
+            ``fn(fig, summary)`` drawing on a matplotlib figure.
+
+    Returns ``{"summary", "table", "paths"}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows, group_by, metrics)
+    machine = _machine()
+    table = markdown_table(summary, group_by, metrics, labels=labels, scale=scale)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    md = [f"# {title}", "",
+          f"- machine: {machine.get('cpu')} ({machine.get('cores')} cores, torch {machine.get('torch')}, "
+          f"{machine.get('torch_threads')} threads), gpu: {machine.get('gpu') or 'none'}",
+          f"- date: {date}" + (f"; wall time {wall_s:.0f} s" if wall_s is not None else ""),
+          f"- data: {data_note}" if data_note else "- data: see setup",
+          f"- seeds: {list(seeds) if seeds is not None else sorted({r.get('seed') for r in rows if 'seed' in r})}; "
+          "mean ± sample std over seeds", ""]
+    if setup:
+        md.append("Setup:")
+        md += [f"- {k}: {v}" for k, v in setup.items()]
+        md.append("")
+    md += [table, ""]
+    if notes:
+        md.append("Findings:")
+        md += [f"- {n}" for n in notes]
+        md.append("")
+    if extra_md:
+        md += [extra_md, ""]
+    paths = {"json": out / f"{name}.json", "md": out / f"{name}.md"}
+    payload = {
+        "name": name, "title": title, "date": date, "machine": machine, "data": data_note,
+        "setup": dict(setup or {}), "seeds": list(seeds) if seeds is not None else None,
+        "wall_s": wall_s, "group_by": list(group_by), "metrics": list(metrics),
+        "summary": summary, "rows": [dict(r) for r in rows], "notes": list(notes),
+        "extra_md": extra_md,
+    }
+    if plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:  # plots are optional ([plot] extra)
+            plt = None
+        if plt is not None:
+            if callable(plot):
+                fig = plt.figure(figsize=(9, 4))
+                plot(fig, summary)
+            else:
+                fig, ax = plt.subplots(figsize=(7, 4))
+                m0 = metrics[0]
+                default_bar_plot(ax, summary, group_by, m0, scale=(scale or {}).get(m0, 1.0),
+                                 ylabel=(labels or {}).get(m0, m0))
+                ax.set_title(title, fontsize=9)
+            fig.tight_layout()
+            import io
+
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=110)
+            plt.close(fig)
+            paths["png"] = out / f"{name}.png"
+            atomic_write_bytes(paths["png"], buf.getvalue())
+            md.insert(len(md), f"![{name}]({name}.png)")
+    atomic_write_text(paths["json"], json.dumps(payload, indent=1, default=_json_default) + "\n")
+    atomic_write_text(paths["md"], "\n".join(md) + "\n")
+    return {"summary": summary, "table": table, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, Tensor):
+        return o.tolist()
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
