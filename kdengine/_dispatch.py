@@ -128,8 +128,17 @@ def ops() -> list[str]:
     return sorted(_REGISTRY)
 
 
+@torch.compiler.assume_constant_result
 def resolve(op: str, device: torch.device, backend: str | None) -> str:
-    """Pick the backend for ``op`` on ``device``; raise a clear error if the choice cannot run."""
+    """Pick the backend for ``op`` on ``device``; raise a clear error if the choice cannot run.
+
+    Under torch.compile the answer is a trace-time constant: the availability probe takes a lock
+    and may build the native library, neither of which Dynamo can (or should) trace.
+    """
+    return _resolve(op, device, backend)
+
+
+def _resolve(op: str, device: torch.device, backend: str | None) -> str:
     requested = backend
     source = "backend argument"
     if requested is None or requested == "auto":
