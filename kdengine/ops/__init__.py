@@ -4,6 +4,25 @@ Importing this package registers every backend implementation with :mod:`kdengin
 """
 from kdengine.ops.kd_loss import kd_loss
 from kdengine.ops.spiking import if_multistep
+from kdengine.ops.binary import (
+    PackedSigns,
+    binary_conv2d,
+    binary_linear,
+    pack_signs,
+    pack_spikes,
+    spike_matmul,
+    xnor_matmul,
+)
 from kdengine.ops import kd_backends as _kd_backends  # noqa: F401  (registers kd_loss backends)
 
-__all__ = ["kd_loss", "if_multistep"]
+__all__ = [
+    "kd_loss",
+    "if_multistep",
+    "PackedSigns",
+    "pack_signs",
+    "pack_spikes",
+    "xnor_matmul",
+    "spike_matmul",
+    "binary_linear",
+    "binary_conv2d",
+]

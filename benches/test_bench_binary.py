@@ -1,0 +1,55 @@
+"""Binary ops on CPU, grouped so pytest-benchmark prints kdengine next to its torch baseline
+(same run, same shapes): XNOR GEMM 1024 x 1024 x 4096 vs fp32 matmul (KDENGINE_BENCH_QUICK=1:
+512 x 512 x 4096) and a batch-1 4096 -> 4096 binary linear (activation packing included) vs
+nn.Linear fp32. The roofline/target summary is `python -m kdengine.bench.binary`."""
+import pytest
+import torch
+
+from benches.conftest import QUICK
+from kdengine import _dispatch
+from kdengine.ops.binary import binary_linear, pack_signs, xnor_matmul
+
+pytestmark = pytest.mark.skipif(
+    not _dispatch.backend_availability("cpu", "cpu").available,
+    reason=f"cpu backend: {_dispatch.backend_availability('cpu', 'cpu').reason}",
+)
+
+M = N = 512 if QUICK else 1024
+K = 4096
+
+
+@pytest.mark.parametrize("impl", ["kdengine_xnor", "torch_fp32"])
+def test_gemm(benchmark, impl):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    benchmark.group = f"binary GEMM {M}x{N}x{K} (MACs: binary vs fp32)"
+    if impl == "kdengine_xnor":
+        a, b = pack_signs(x), pack_signs(y)
+        out = xnor_matmul(a, b, backend="cpu")
+        # a cheap exactness check on a corner of the result (the tests do the full job)
+        exact = torch.where(x[:8] < 0, -1.0, 1.0) @ torch.where(y[:8] < 0, -1.0, 1.0).T
+        assert torch.equal(out[:8, :8], exact.to(torch.int32))
+        run = lambda: xnor_matmul(a, b, backend="cpu")  # noqa: E731
+    else:
+        run = lambda: torch.matmul(x, y.T)  # noqa: E731
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["kdengine_binary_linear", "torch_linear_fp32"])
+def test_linear_batch1(benchmark, impl):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4096, 4096, generator=g)
+    x = torch.randn(1, 4096, generator=g)
+    benchmark.group = "batch-1 linear 4096->4096 (packing of x included)"
+    if impl == "kdengine_binary_linear":
+        wp, scale = pack_signs(w), w.abs().mean(1)
+        run = lambda: binary_linear(x, wp, scale, backend="cpu")  # noqa: E731
+    else:
+        lin = torch.nn.Linear(4096, 4096, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+
+        def run():
+            with torch.no_grad():
+                return lin(x)
+    benchmark.pedantic(run, rounds=20, iterations=5, warmup_rounds=2)

@@ -1,0 +1,244 @@
+"""Binary-op benchmark: packed XNOR/AND popcount kernels against torch float baselines, same run.
+
+CPU rows (the issue's targets):
+
+* ``xnor_matmul`` M x N x K = 1024 x 1024 x 4096 (quick: 512 x 512 x 4096) on the ``cpu`` backend vs
+  ``torch.matmul`` in fp32 of the same shape; both counted in multiply-accumulates (a binary MAC is
+  one sign product). Goal: >= 10x the fp32 MAC throughput.
+* ``spike_matmul`` (AND-popcount) on the same shape, same baseline.
+* ``binary_linear`` at batch 1, 4096 -> 4096, activation packing included, vs ``F.linear`` fp32
+  (``nn.Linear``): memory-bound, the packed weights are 32x fewer bytes. Goal: >= 10x.
+* ``binary_conv2d`` (3x3, padding 1) vs ``F.conv2d`` fp32: informational.
+
+Roofline. ``popcount_roofline_gmacs`` = threads x clock x 256 binary MACs per clock, i.e. one
+256-bit XOR + popcount + accumulate per clock per core (the issue's model). ``issue_bound_gmacs``
+is the bound of the algorithm actually used (AVX2 nibble-lookup popcount): 6 vector ops per
+256 binary MACs on 4 vector pipes = 170.7 MACs per clock per core. The clock comes from a probe in
+the native library (dependent adds timed with the thread's CPU clock), so it includes turbo.
+
+Timings are wall-clock medians (``time_fn``) with all threads. On a shared machine those are noisy,
+so the GEMM rows also carry a single-thread measurement in process CPU time (``*_1t_cpu``: the
+best of several calls with ``torch.set_num_threads(1)``, for both sides), i.e. the per-core rate
+when the core is not taken away, and the per-core roofline fraction from it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kdengine.bench.timing import sync, time_fn
+
+AVX2_OPS_PER_STEP = 6  # XOR, 2 x vpshufb, 2 x vpaddb ... per output and 256-bit step (see xnor.cpp)
+VECTOR_PIPES = 4
+
+
+def _cpu_seconds_1t(fn: Callable[[], object], repeat: int) -> float:
+    """Best process CPU time of one call with one thread (robust to preemption by other jobs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fn()
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.process_time()
+            fn()
+            best = min(best, time.process_time() - t0)
+        return best
+    finally:
+        torch.set_num_threads(n)
+
+
+def _clock_ghz() -> float | None:
+    try:
+        from kdengine import _native
+
+        ops = _native.ops("cpu")
+        return max(float(ops.binary_cpu_ghz(100_000_000)) for _ in range(3)) or None
+    except Exception:  # noqa: BLE001 - no native library: no clock, no roofline
+        return None
+
+
+def _row(op: str, shape: str, backend: str, baseline: str, ours: dict, base: dict, macs: float,
+         **extra) -> dict:
+    row = {
+        "suite": "binary", "op": op, "case": op, "shape": shape, "backend": backend,
+        "impl": f"kdengine[{backend}]", "seconds": ours["median_s"], "median_s": ours["median_s"],
+        "min_s": ours["min_s"], "baseline": baseline, "baseline_seconds": base["median_s"],
+        "speedup": base["median_s"] / ours["median_s"], "threads": torch.get_num_threads(),
+        "macs": macs, "gmacs": macs / ours["median_s"] / 1e9,
+        "baseline_gmacs": macs / base["median_s"] / 1e9,
+    }
+    row.update(extra)
+    return row
+
+
+def _cpu_rows(quick: bool, repeat: int) -> list[dict]:
+    from kdengine.ops.binary import (
+        binary_conv2d,
+        binary_linear,
+        pack_signs,
+        pack_spikes,
+        spike_matmul,
+        xnor_matmul,
+    )
+
+    rows: list[dict] = []
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    ghz = _clock_ghz()
+
+    # --- GEMM: xnor and spike popcount vs fp32 matmul
+    m = n = 512 if quick else 1024
+    k = 4096
+    x = torch.randn(m, k, generator=g)
+    y = torch.randn(n, k, generator=g)
+    a, b = pack_signs(x), pack_signs(y)
+    s = pack_spikes((torch.rand(m, k, generator=g) < 0.2).float())
+    macs = float(m * n * k)
+    base = time_fn(lambda: torch.matmul(x, y.T), repeat=repeat)
+    base_1t = _cpu_seconds_1t(lambda: torch.matmul(x, y.T), repeat)
+    for op, fn in (("xnor_matmul", lambda: xnor_matmul(a, b, backend="cpu")),
+                   ("spike_matmul", lambda: spike_matmul(s, b, backend="cpu"))):
+        ours = time_fn(fn, repeat=repeat)
+        ours_1t = _cpu_seconds_1t(fn, repeat)
+        extra = {
+            "seconds_1t_cpu": ours_1t, "baseline_seconds_1t_cpu": base_1t,
+            "gmacs_1t_cpu": macs / ours_1t / 1e9, "baseline_gmacs_1t_cpu": macs / base_1t / 1e9,
+            "speedup_1t_cpu": base_1t / ours_1t,
+        }
+        if ghz:
+            roof = threads * ghz * 256.0
+            issue = threads * ghz * 256.0 * VECTOR_PIPES / AVX2_OPS_PER_STEP
+            extra.update({
+                "clock_GHz": ghz,
+                "popcount_roofline_gmacs": roof,
+                "roofline_fraction": macs / ours["median_s"] / 1e9 / roof,
+                "issue_bound_gmacs": issue,
+                "issue_bound_fraction": macs / ours["median_s"] / 1e9 / issue,
+                "roofline_fraction_1t_cpu": macs / ours_1t / 1e9 / (roof / threads),
+                "issue_bound_fraction_1t_cpu": macs / ours_1t / 1e9 / (issue / threads),
+            })
+        rows.append(_row(op, f"{m}x{n}x{k}", "cpu", "torch fp32 matmul", ours, base, macs, **extra))
+
+    # --- batch-1 linear (packing of x included) vs nn.Linear fp32
+    kin = nout = 4096
+    w = torch.randn(nout, kin, generator=g)
+    wp = pack_signs(w)
+    scale = w.abs().mean(1)
+    xv = torch.randn(1, kin, generator=g)
+    lin = torch.nn.Linear(kin, nout, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+
+    def torch_linear():
+        with torch.no_grad():
+            return lin(xv)
+
+    ours_fn = lambda: binary_linear(xv, wp, scale, backend="cpu")  # noqa: E731
+    ours = time_fn(ours_fn, repeat=max(repeat, 20), warmup=3)
+    base = time_fn(torch_linear, repeat=max(repeat, 20), warmup=3)
+    rows.append(_row(
+        "binary_linear", f"1x{kin}->{nout}", "cpu", "torch nn.Linear fp32", ours, base,
+        float(kin * nout), weight_bytes=wp.nbytes, baseline_weight_bytes=w.numel() * 4,
+        seconds_1t_cpu=_cpu_seconds_1t(ours_fn, 20),
+        baseline_seconds_1t_cpu=_cpu_seconds_1t(torch_linear, 20),
+    ))
+
+    # --- binary conv2d 3x3 / padding 1 vs fp32 conv2d
+    bsz, c, hw, o = (2, 64, 14, 64) if quick else (8, 128, 14, 128)
+    xc = torch.randn(bsz, c, hw, hw, generator=g)
+    wc = torch.randn(o, c, 3, 3, generator=g)
+    wcp = pack_signs(wc.flatten(1))
+    conv = lambda: binary_conv2d(xc, wcp, 3, padding=1, backend="cpu")  # noqa: E731
+    tconv = lambda: F.conv2d(xc, wc, padding=1)  # noqa: E731
+    ours = time_fn(conv, repeat=repeat)
+    base = time_fn(tconv, repeat=repeat)
+    rows.append(_row("binary_conv2d", f"{bsz}x{c}x{hw}x{hw}->{o} k3 p1", "cpu", "torch conv2d fp32",
+                     ours, base, float(bsz * hw * hw * o * c * 9),
+                     seconds_1t_cpu=_cpu_seconds_1t(conv, repeat),
+                     baseline_seconds_1t_cpu=_cpu_seconds_1t(tconv, repeat)))
+    return rows
+
+
+def _gpu_rows(quick: bool, repeat: int) -> list[dict]:
+    """Large square GEMM and batch-1 linear on the GPU backends vs cuBLAS fp16 and int8."""
+    from kdengine import _dispatch
+    from kdengine.ops.binary import binary_linear, pack_signs, xnor_matmul
+
+    rows: list[dict] = []
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    size = 4096 if quick else 8192
+    x = torch.randn(size, size, device=dev, generator=g)
+    y = torch.randn(size, size, device=dev, generator=g)
+    a, b = pack_signs(x), pack_signs(y)
+    xh, yh = x.half(), y.half()
+    xi, yi = x.sign().to(torch.int8), y.sign().to(torch.int8)
+    macs = float(size) ** 3
+    baselines = {"cuBLAS fp16": time_fn(lambda: xh @ yh.T, repeat=repeat, device=dev)}
+    if hasattr(torch, "_int_mm"):
+        baselines["torch._int_mm int8"] = time_fn(lambda: torch._int_mm(xi, yi.T), repeat=repeat, device=dev)
+    w = pack_signs(y)
+    xv = torch.randn(1, size, device=dev, generator=g)
+    lin_base = time_fn(lambda: F.linear(xv.half(), yh), repeat=max(repeat, 20), device=dev)
+    for backend in ("triton", "cuda"):
+        if not _dispatch.backend_availability(backend, "cuda").available:
+            continue
+        ours = time_fn(lambda: xnor_matmul(a, b, backend=backend), repeat=repeat, device=dev)
+        for name, base in baselines.items():
+            rows.append(_row("xnor_matmul", f"{size}x{size}x{size}", backend, name, ours, base, macs))
+        ours_l = time_fn(lambda: binary_linear(xv, w, backend=backend), repeat=max(repeat, 20), device=dev)
+        rows.append(_row("binary_linear", f"1x{size}->{size}", backend, "F.linear fp16", ours_l,
+                         lin_base, float(size) ** 2))
+    sync(dev)
+    return rows
+
+
+def run_binary_bench(quick: bool = False) -> list[dict]:
+    """Rows ``{op, shape, backend, seconds, baseline, baseline_seconds, speedup, ...}``: one per
+    comparison, CPU always (where the cpu backend builds), GPU rows where CUDA is available."""
+    from kdengine import _dispatch
+
+    repeat = 3 if quick else 7
+    rows: list[dict] = []
+    if _dispatch.backend_availability("cpu", "cpu").available:
+        rows += _cpu_rows(quick, repeat)
+    if torch.cuda.is_available():
+        rows += _gpu_rows(quick, repeat)
+    return rows
+
+
+def check_targets(rows: list[dict]) -> list[str]:
+    """The issue's CPU goals as text lines."""
+    lines = []
+    for r in rows:
+        if r["backend"] != "cpu" or r["op"] not in ("xnor_matmul", "binary_linear"):
+            continue
+        sp = r["speedup"]
+        lines.append(f"{r['op']} {r['shape']}: {sp:.1f}x vs {r['baseline']} (goal 10x) "
+                     f"{'met' if sp >= 10 else 'NOT met'}")
+        if "speedup_1t_cpu" in r:
+            lines.append(f"{r['op']} {r['shape']}: {r['speedup_1t_cpu']:.1f}x single-thread CPU time "
+                         f"({r['gmacs_1t_cpu']:.0f} vs {r['baseline_gmacs_1t_cpu']:.1f} G MAC/s per core)")
+        if "roofline_fraction" in r:
+            lines.append(
+                f"{r['op']} {r['shape']}: {r['gmacs']:.0f} G binary MAC/s wall = "
+                f"{100 * r['roofline_fraction']:.0f}% of the popcount roofline "
+                f"({r['popcount_roofline_gmacs']:.0f} G = {r['threads']} cores x "
+                f"{r['clock_GHz']:.2f} GHz x 256), {100 * r['issue_bound_fraction']:.0f}% of the "
+                f"AVX2 nibble-LUT issue bound ({r['issue_bound_gmacs']:.0f} G); per core, CPU time: "
+                f"{100 * r['roofline_fraction_1t_cpu']:.0f}% / {100 * r['issue_bound_fraction_1t_cpu']:.0f}%"
+            )
+    return lines
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    out = run_binary_bench(quick="--quick" in sys.argv)
+    for row in out:
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+    print("\n".join(check_targets(out)))
