@@ -1,0 +1,1 @@
+"""Reproducible experiments (``python -m kdengine.experiments.<name>``)."""
