@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
+
+
+SUITES = ("kd", "binary", "spiking")
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -50,15 +54,21 @@ def _bench(args: argparse.Namespace) -> int:
     from kdengine.bench import kd
     from kdengine.bench.report import format_table, write_chart, write_results
 
-    suites = args.suite or ["kd"]
+    suites = args.suite or list(SUITES)
     rows: list[dict] = []
     notes: list[str] = []
     if "kd" in suites:
         kd_rows = kd.run_kd_bench(quick=args.quick, with_compile=not args.no_compile)
         rows += kd_rows
         notes += kd.check_targets(kd_rows)
+    for name in ("binary", "spiking"):
+        if name in suites:
+            mod = importlib.import_module(f"kdengine.bench.{name}")
+            suite_rows = getattr(mod, f"run_{name}_bench")(quick=args.quick)
+            rows += suite_rows
+            notes += mod.check_targets(suite_rows)
     cols = ["suite", "case", "shape", "dtype", "impl", "median_s", "kdengine_speedup",
-            "peak_extra_MB"]
+            "baseline", "speedup", "peak_extra_MB"]
     print(format_table(rows, cols))
     print()
     for line in notes:
@@ -86,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_build)
     p = sub.add_parser("bench", help="benchmarks against baselines measured in the same run")
     p.add_argument("--quick", action="store_true", help="CI-sized shapes")
-    p.add_argument("--suite", action="append", choices=["kd"], help="suites to run (default: all)")
+    p.add_argument("--suite", action="append", choices=list(SUITES),
+                   help="suites to run (default: all)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--out", default="bench-results/kdengine-bench.json", help="JSON output path")
     p.set_defaults(fn=_bench)
