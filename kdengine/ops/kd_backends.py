@@ -38,7 +38,8 @@ def _reference(student, teacher, labels, cfg):
             grads = torch.autograd.grad(loss, inputs)
     gs = grads[0].to(student.dtype)
     gt = grads[1].to(teacher.dtype) if cfg.need_teacher_grad else None
-    return loss.detach(), gs, gt
+    loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    return loss.detach().to(loss_dtype), gs, gt
 
 
 @_dispatch.register("kd_loss", "cpu", native_ops=("kd_loss_fwd",))
