@@ -1,4 +1,4 @@
-"""`kdengine` command line: doctor, build, bench, repro."""
+"""`kdengine` command line: doctor, build, bench, repro, infer."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 
-SUITES = ("kd", "binary", "spiking")
+SUITES = ("kd", "binary", "spiking", "infer")
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -61,7 +61,7 @@ def _bench(args: argparse.Namespace) -> int:
         kd_rows = kd.run_kd_bench(quick=args.quick, with_compile=not args.no_compile)
         rows += kd_rows
         notes += kd.check_targets(kd_rows)
-    for name in ("binary", "spiking"):
+    for name in ("binary", "spiking", "infer"):
         if name in suites:
             mod = importlib.import_module(f"kdengine.bench.{name}")
             suite_rows = getattr(mod, f"run_{name}_bench")(quick=args.quick)
@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         from kdengine.repro import main as repro_main
 
         return repro_main(argv[1:])
+    if argv[:1] == ["infer"]:
+        from kdengine.infer import infer_main
+
+        return infer_main(argv[1:])
     ap = argparse.ArgumentParser(prog="kdengine", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("doctor", help="which backends can run each op here, and why not")
@@ -102,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench-results/kdengine-bench.json", help="JSON output path")
     p.set_defaults(fn=_bench)
     sub.add_parser("repro", help="paper reproductions: kdengine repro --list | NAME [--quick]")
+    sub.add_parser("infer", help="run a packed model: kdengine infer MODEL INPUT [--batch N] [--json]")
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -1,0 +1,312 @@
+"""kdengine.infer: the runtime equals the packed model bit for bit, plans, errors, and the CLI."""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kdengine.infer import InferenceModel, LatencyStats, MAX_PLANS, infer_main, load, load_input
+from kdengine.nn import binarize_model, pack_model
+from kdengine.serialize import save_packed
+
+
+def _randomize_bn_(model: nn.Module, g: torch.Generator) -> None:
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+
+
+def conv_model(mode: str, seed: int = 0) -> nn.Module:
+    """Every layer type the runtime specialises: conv (padding, stride, dilation), pools, BN,
+    flatten, dropout, identity, ReLU, Hardtanh, linear with and without bias; odd K."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(OrderedDict([
+        ("c0", nn.Conv2d(1, 6, 3, padding=1)), ("p0", nn.MaxPool2d(2)), ("b0", nn.BatchNorm2d(6)),
+        ("c1", nn.Conv2d(6, 10, 3, padding=1, bias=True)), ("b1", nn.BatchNorm2d(10)),
+        ("c2", nn.Conv2d(10, 12, (3, 2), stride=2, padding=(1, 2), dilation=(1, 2))),
+        ("p2", nn.AvgPool2d(1)), ("b2", nn.BatchNorm2d(12)), ("drop", nn.Dropout(0.3)),
+        ("flat", nn.Flatten()),
+        ("tail", nn.Sequential(OrderedDict([
+            ("f0", nn.Linear(12 * 4 * 5, 37)), ("b3", nn.BatchNorm1d(37)), ("act", nn.Hardtanh()),
+            ("f1", nn.Linear(37, 21, bias=False)), ("relu", nn.ReLU()), ("id", nn.Identity()),
+            ("out", nn.Linear(21, 10)),
+        ]))),
+    ]))
+    b = binarize_model(m, mode=mode).eval()
+    _randomize_bn_(b, torch.Generator().manual_seed(seed + 1))
+    return pack_model(b)
+
+
+def mlp_model(seed: int = 0, hidden: int = 64) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, hidden), nn.BatchNorm1d(hidden), nn.Linear(hidden, hidden),
+        nn.BatchNorm1d(hidden), nn.Linear(hidden, 10),
+    )
+    b = binarize_model(m, mode="both").eval()
+    _randomize_bn_(b, torch.Generator().manual_seed(seed + 1))
+    return pack_model(b)
+
+
+@pytest.fixture(params=["both", "weights"])
+def saved_conv(request, tmp_path):
+    model = conv_model(request.param)
+    path = tmp_path / f"conv_{request.param}.safetensors"
+    save_packed(model, path)
+    return model, path
+
+
+def _eager(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return module(x)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_predict_equals_packed_model_bitwise(saved_conv, batch, seed):
+    model, path = saved_conv
+    im = load(path)
+    x = torch.randn(batch, 1, 16, 16)
+    ref = _eager(model, x)
+    first = im.predict(x)  # builds the plan
+    second = im.predict(x)  # runs it
+    assert torch.equal(first, ref)
+    assert torch.equal(second, ref)
+    x2 = torch.randn(batch, 1, 16, 16)
+    assert torch.equal(im.predict(x2), _eager(model, x2))  # fresh data through the same plan
+
+
+def test_reference_backend_gives_the_same_logits(saved_conv):
+    _, path = saved_conv
+    x = torch.randn(4, 1, 16, 16)
+    assert torch.equal(load(path, backend="reference").predict(x), load(path).predict(x))
+
+
+def test_output_is_a_fresh_ordinary_tensor_and_input_untouched(tmp_path):
+    # ReLU first: the runtime must not run it in place on the caller's tensor
+    torch.manual_seed(0)
+    m = pack_model(binarize_model(nn.Sequential(nn.ReLU(), nn.Linear(40, 40), nn.BatchNorm1d(40),
+                                                nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 5)),
+                                  mode="both").eval())
+    path = tmp_path / "m.safetensors"
+    save_packed(m, path)
+    im = load(path)
+    x = torch.randn(3, 40)
+    x_before = x.clone()
+    y1 = im.predict(x)
+    assert torch.equal(x, x_before)
+    assert not torch.is_inference(y1) and not y1.requires_grad
+    y1_copy = y1.clone()
+    y2 = im.predict(x)
+    assert torch.equal(y1, y1_copy)  # a later call did not overwrite an earlier result
+    assert y2.data_ptr() != y1.data_ptr()
+    y1.add_(1.0)  # an ordinary tensor: in-place works outside inference mode
+    assert torch.equal(im.predict(x), y2)
+
+
+def test_plans_cached_per_shape_and_bounded(saved_conv):
+    _, path = saved_conv
+    im = load(path)
+    for b in (1, 2, 1, 2):
+        im.predict(torch.randn(b, 1, 16, 16))
+    assert len(im._plans) == 2
+    for b in range(3, 3 + MAX_PLANS + 2):
+        im.predict(torch.randn(b, 1, 16, 16))
+    assert len(im._plans) == MAX_PLANS
+    im.reset()
+    assert len(im._plans) == 0
+
+
+def test_plan_summary_preallocated_buffers(tmp_path):
+    model = mlp_model(hidden=48)
+    path = tmp_path / "mlp.safetensors"
+    save_packed(model, path)
+    im = load(path)
+    s = im.plan_summary(torch.randn(5, 1, 28, 28))
+    # the two fp32 Linear layers (784->48 first, 48->10 last) write into (B, out) buffers
+    assert s["prealloc_bytes"] == 5 * (48 + 10) * 4
+    kinds = [st["step"] for st in s["steps"]]
+    assert sum("xnor-popcount" in k for k in kinds) == 1
+    assert s["steps"][-1]["out_shape"] == (5, 10)
+
+
+def test_weights_mode_preallocates_binary_linear_output(tmp_path):
+    model = conv_model("weights")
+    path = tmp_path / "w.safetensors"
+    save_packed(model, path)
+    s = load(path).plan_summary(torch.randn(2, 1, 16, 16))
+    by_layer = {st["layer"]: st for st in s["steps"]}
+    # tail.f1 is a PackedBinaryLinear (mode weights): its (2, 21) output is a buffer
+    assert by_layer["tail.f1"]["type"] == "PackedBinaryLinear"
+    assert by_layer["tail.f1"]["prealloc_bytes"] == 2 * 21 * 4
+    assert by_layer["drop"]["step"].startswith("skipped")
+
+
+def test_bad_inputs_raise_specific_errors(saved_conv):
+    model, path = saved_conv
+    im = load(path)
+    with pytest.raises(ValueError, match="layer"):
+        im.predict(torch.randn(2, 3, 16, 16))  # 3 channels, the model takes 1
+    with pytest.raises(TypeError, match="floating"):
+        im.predict(torch.ones(2, 1, 16, 16, dtype=torch.int64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        im.predict([1.0, 2.0])
+    with pytest.raises(ValueError, match="batch"):
+        im.predict(torch.randn(0, 1, 16, 16))
+
+
+def test_nan_input(tmp_path, saved_conv):
+    model, path = saved_conv
+    x = torch.randn(2, 1, 16, 16)
+    x[0, 0, 3, 3] = float("nan")
+    if model.c1.mode == "both":
+        with pytest.raises(ValueError, match="NaN"):
+            load(path).predict(x)
+    else:  # binary weights, real activations: NaN in, NaN out
+        assert torch.isnan(load(path).predict(x)[0]).any()
+
+
+def test_numpy_input_and_predict_batches(tmp_path):
+    model = mlp_model()
+    path = tmp_path / "mlp.safetensors"
+    save_packed(model, path)
+    im = load(path)
+    x = torch.randn(10, 1, 28, 28)
+    ref = _eager(model, x)
+    assert torch.equal(im.predict(x.numpy()), ref)
+    out = im.predict_batches(x, 3)
+    assert out.shape == (10, 10)
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)  # fp32 first layer: batch-size rounding
+    with pytest.raises(ValueError, match="batch"):
+        im.predict_batches(x, 0)
+
+
+def test_latency_stats(tmp_path):
+    path = tmp_path / "mlp.safetensors"
+    save_packed(mlp_model(), path)
+    st = load(path).latency(torch.randn(1, 1, 28, 28), repeat=25, warmup=2)
+    assert isinstance(st, LatencyStats)
+    assert st.repeat == 25 and st.batch == 1
+    assert 0 < st.min_ms <= st.p50_ms <= st.p99_ms <= st.max_ms
+    with pytest.raises(ValueError, match="repeat"):
+        load(path).latency(torch.randn(1, 1, 28, 28), repeat=0)
+
+
+def test_concurrent_callers_get_their_own_results(tmp_path):
+    model = mlp_model()
+    path = tmp_path / "mlp.safetensors"
+    save_packed(model, path)
+    im = load(path)
+    xs = [torch.randn(1, 1, 28, 28) for _ in range(4)]
+    refs = [_eager(model, x) for x in xs]
+    bad = []
+
+    def worker(i):
+        for _ in range(30):
+            if not torch.equal(im.predict(xs[i]), refs[i]):
+                bad.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a model at all")
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        load(junk)
+    with pytest.raises(ValueError, match="backend"):
+        load(junk, backend="gpu")
+    with pytest.raises(TypeError):
+        InferenceModel("not a module")
+
+
+def test_adapt_input(tmp_path):
+    path = tmp_path / "c.safetensors"
+    save_packed(conv_model("both"), path)
+    im = load(path)
+    assert im.adapt_input(torch.zeros(5, 16, 16)).shape == (5, 1, 16, 16)
+    assert im.adapt_input(torch.zeros(16, 16)).shape == (1, 1, 16, 16)
+    lin = InferenceModel(nn.Sequential(nn.Linear(784, 10)))
+    assert lin.adapt_input(torch.zeros(3, 28, 28)).shape == (3, 784)
+    assert lin.adapt_input(torch.zeros(784)).shape == (1, 784)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def mlp_file(tmp_path):
+    model = mlp_model()
+    path = tmp_path / "mlp.safetensors"
+    save_packed(model, path)
+    return model, path
+
+
+def test_cli_mnist_json(mlp_file, capsys):
+    model, path = mlp_file
+    rc = infer_main([str(path), "mnist:test:20", "--batch", "4", "--json", "--repeat", "5"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    x, y, _ = load_input("mnist:test:20")
+    pred = _eager(model, x).argmax(1)
+    assert out["n"] == 20 and out["predictions"] == pred.tolist()
+    assert out["correct"] == int((pred == y).sum())
+    assert out["accuracy"] == pytest.approx(out["correct"] / 20)
+    assert out["latency_batch1_ms"]["repeat"] == 5 and out["latency_batchN_ms"]["batch"] == 4
+    assert out["latency_batch1_ms"]["p50_ms"] <= out["latency_batch1_ms"]["p99_ms"]
+
+
+def test_cli_text_npy_and_safetensors(mlp_file, tmp_path, capsys):
+    model, path = mlp_file
+    x, y, _ = load_input("mnist:test:7")
+    pix = (x * 255).round().to(torch.uint8).squeeze(1).numpy()  # (7, 28, 28) uint8
+    npy = tmp_path / "imgs.npy"
+    np.save(npy, pix)
+    assert infer_main([str(path), str(npy), "--repeat", "3"]) == 0
+    text = capsys.readouterr().out
+    pred = _eager(model, torch.from_numpy(pix).float().div(255).unsqueeze(1)).argmax(1)
+    assert "predictions: " + " ".join(map(str, pred.tolist())) in text
+    assert "accuracy" not in text and "p99" in text
+
+    from safetensors.torch import save_file
+
+    st = tmp_path / "imgs.safetensors"
+    save_file({"images": torch.from_numpy(pix), "labels": y}, st)
+    assert infer_main([str(path), str(st), "--repeat", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["predictions"] == pred.tolist()
+    assert out["correct"] == int((pred == y).sum())
+
+
+def test_cli_errors(mlp_file, tmp_path, capsys):
+    _, path = mlp_file
+    obj = tmp_path / "obj.npy"
+    np.save(obj, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert infer_main([str(path), str(obj)]) == 2
+    assert "pickle" in capsys.readouterr().err
+    assert infer_main([str(path), "mnist:test:0"]) == 2
+    assert infer_main([str(path), "mnist:nope"]) == 2
+    assert infer_main([str(path), str(tmp_path / "none.npy")]) == 2
+    assert infer_main([str(tmp_path / "none.safetensors"), "mnist:test:2"]) == 2
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((2, 5, 5), dtype=np.float32))
+    assert infer_main([str(path), str(wrong)]) == 2
+    err = capsys.readouterr().err
+    assert "kdengine infer: error:" in err
+    assert infer_main([str(path), "mnist:test:2", "--batch", "0"]) == 2
