@@ -104,7 +104,7 @@ enum Mode : int { M_FKL = 0, M_RKL = 1, M_JSD = 2, M_INF = 3, M_CE_ONLY = 4 };
 
 // Row buffers handed to the row kernel. gs/gt are the outputs (gt null unless need_gt); the
 // scratch rows hold at least V elements each: [0] eb unless it is staged in gt, [1] the T = 1
-// student exps for CE, [2] q (log q - log m) and [3] p (log p - log m) for JSD. blk holds two
+// student exps for CE, [2] log q - log m and [3] log p - log m for JSD. blk holds two
 // values per block of kBlock elements (the running maxima the block's exps were taken against).
 template <class E>
 struct RowIO {

@@ -1,0 +1,168 @@
+"""CPU-backend specifics of kd_loss (csrc/cpu/kd_loss.cpp) that the shared backend tests do not reach.
+
+The C++ kernel processes a row in blocks of 512 elements with running maxima (online softmax), so
+long rows exercise code that short ones do not: rescaling when the maximum grows, blocks that are
+entirely masked, a NaN late in the row. It also splits rows over threads and has a portable and an
+AVX2 build. Everything is checked against the float64 reference on fresh random inputs.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kdengine
+from kdengine import _dispatch
+
+pytestmark = pytest.mark.skipif(
+    not _dispatch.backend_availability("cpu", "cpu").available,
+    reason=f"cpu backend: {_dispatch.backend_availability('cpu', 'cpu').reason}",
+)
+
+
+def _run(backend, s, t, *, teacher_grad=False, **kw):
+    s = s.detach().clone().requires_grad_(True)
+    t = t.detach().clone().requires_grad_(teacher_grad)
+    loss = kdengine.kd_loss(s, t, backend=backend, **kw)
+    loss.sum().backward()
+    return loss.detach(), s.grad, (t.grad if teacher_grad else None)
+
+
+def _close(actual, expected, rtol, atol_rel, what):
+    """allclose with an absolute floor relative to the largest expected magnitude."""
+    if expected is None:
+        expected = torch.zeros_like(actual)
+    a, e = actual.double(), expected.double()
+    atol = atol_rel * float(e.abs().max()) + 1e-30
+    bad = ~torch.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True)
+    if bad.any():
+        i = int(((a - e).abs() / (atol + rtol * e.abs())).nan_to_num(math.inf).flatten().argmax())
+        raise AssertionError(f"{what}: {int(bad.sum())} of {a.numel()} mismatch; worst at flat "
+                             f"index {i}: {a.flatten()[i].item():.9g} vs {e.flatten()[i].item():.9g} "
+                             f"(rtol {rtol}, atol {atol:.3g})")
+
+
+def _compare(s, t, dtype, rtol, teacher_grad=False, **kw):
+    out = _run("cpu", s.to(dtype), t.to(dtype), teacher_grad=teacher_grad, **kw)
+    ref = _run("reference", s.to(dtype).double(), t.to(dtype).double(), teacher_grad=teacher_grad, **kw)
+    _close(out[0], ref[0], rtol, rtol, f"loss {kw}")
+    _close(out[1], ref[1], rtol, 1e-7 if dtype != torch.float64 else 1e-12, f"grad_s {kw}")
+    if teacher_grad:
+        _close(out[2], ref[2], rtol, 1e-7 if dtype != torch.float64 else 1e-12, f"grad_t {kw}")
+    return out
+
+
+CONFIGS = [
+    dict(temperature=2.0),
+    dict(temperature=0.7, divergence="reverse_kl"),
+    dict(temperature=1.5, divergence="jsd", beta=0.3),
+    dict(temperature=math.inf),
+    dict(temperature=1.0, hard_weight=0.4, label_smoothing=0.1, with_labels=True),
+    dict(temperature=3.0, hard_weight=1.0, with_labels=True),
+]
+
+
+def _kw(cfg, n, v):
+    kw = dict(cfg)
+    if kw.pop("with_labels", False):
+        labels = torch.randint(0, v, (n,))
+        labels[0] = -100
+        kw["labels"] = labels
+    return kw
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["fkl", "rkl", "jsd", "inf", "ce", "ce_only"])
+def test_results_do_not_depend_on_thread_count(cfg, seed):
+    """Rows are split over threads; per-row losses are reduced in row order afterwards."""
+    n, v = 24, 1500
+    s, t = torch.randn(n, v) * 3, torch.randn(n, v) * 3
+    kw = _kw(cfg, n, v)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run("cpu", s, t, teacher_grad=True, **kw)
+        torch.set_num_threads(2)
+        two = _run("cpu", s, t, teacher_grad=True, **kw)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b), f"seed={seed}"
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["fkl", "rkl", "jsd", "inf", "ce", "ce_only"])
+def test_long_rows_match_float64_reference(cfg, seed):
+    """V = 50257 (GPT-2's vocabulary: odd, ~100 blocks): fp32 within 1e-5 of the float64 oracle."""
+    n, v = 3, 50257
+    s, t = torch.randn(n, v, dtype=torch.float64) * 4, torch.randn(n, v, dtype=torch.float64) * 4
+    _compare(s, t, torch.float32, 1e-5, **_kw(cfg, n, v))
+    _compare(s, t, torch.float64, 1e-10, **_kw(cfg, n, v))
+
+
+def _awkward_rows(v: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose maximum keeps growing, appears only late, or follows fully masked blocks."""
+    ramp = torch.linspace(-30.0, 30.0, v, dtype=torch.float64)
+    s = torch.randn(4, v, dtype=torch.float64) * 2
+    t = torch.randn(4, v, dtype=torch.float64) * 2
+    s[0] += ramp  # new maxima in every block
+    t[0] += 0.5 * ramp
+    s[1, v - 3] = 40.0  # one large logit at the very end
+    t[1, v // 2] = 35.0
+    s[2, :1100] = -math.inf  # two and a bit blocks masked in both inputs
+    t[2, :1100] = -math.inf
+    mask = torch.rand(v) < 0.4
+    s[3] = s[3].masked_fill(mask, -math.inf)
+    t[3] = t[3].masked_fill(mask, -math.inf)
+    return s, t
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5, math.inf], ids=["T1", "T2.5", "Tinf"])
+def test_running_maximum_and_masked_blocks(divergence, temperature, seed):
+    v = 2600
+    s, t = _awkward_rows(v)
+    kw = dict(temperature=temperature, divergence=divergence, reduction="none")
+    # float64 path: the same algorithm in double, so it must match the oracle tightly.
+    _compare(s, t, torch.float64, 1e-10, teacher_grad=True, **kw)
+    out = _compare(s, t, torch.float32, 1e-5 if divergence != "reverse_kl" else 1e-4, **kw)
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1]).all()
+    assert bool((out[1][2, :1100] == 0).all()), "masked entries must get exactly zero gradient"
+    labels = torch.tensor([3, v - 3, 2000, int((~torch.isinf(s[3])).nonzero()[0])])
+    _compare(s, t, torch.float64, 1e-10, labels=labels, hard_weight=0.3,
+             **{**kw, "temperature": temperature})
+
+
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("temperature", [2.0, math.inf], ids=["T2", "Tinf"])
+def test_nan_late_in_a_long_row(where, temperature):
+    s, t = torch.randn(3, 2600), torch.randn(3, 2600)
+    (s if where == "student" else t)[1, 2555] = float("nan")
+    rows = kdengine.kd_loss(s, t, temperature, reduction="none", backend="cpu")
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_long_rows_round_once(dtype, seed):
+    """bf16/fp16 gradients over many blocks: within one ulp of the exact gradient per element."""
+    base = torch.randn(3, 4099, dtype=torch.float64) * 3
+    s = base.to(dtype)
+    t = (base + 0.02 * torch.randn_like(base)).to(dtype)
+    _, gs, _ = _run("cpu", s, t, temperature=2.0)
+    _, rgs, _ = _run("reference", s.double(), t.double(), temperature=2.0)
+    fi = torch.finfo(dtype)
+    err = (gs.double() - rgs).abs()
+    assert bool((err <= fi.eps * rgs.abs() + fi.tiny * fi.eps).all()), f"seed={seed}"
+
+
+def test_portable_build_matches_the_avx2_build(monkeypatch, seed):
+    """KDENGINE_CPU_PORTABLE=1 selects the portable build (the only one on CPUs without AVX2)."""
+    s, t = torch.randn(5, 1029) * 3, torch.randn(5, 1029) * 3
+    labels = torch.tensor([0, 5, -100, 1028, 77])
+    for kw in (dict(temperature=2.0), dict(temperature=0.5, divergence="jsd", labels=labels,
+                                           hard_weight=0.2, label_smoothing=0.1)):
+        fast = _run("cpu", s, t, teacher_grad=True, **kw)
+        monkeypatch.setenv("KDENGINE_CPU_PORTABLE", "1")
+        portable = _run("cpu", s, t, teacher_grad=True, **kw)
+        monkeypatch.delenv("KDENGINE_CPU_PORTABLE")
+        for a, b in zip(fast, portable):
+            _close(a, b, 1e-5, 1e-7, f"seed={seed} {kw}")
