@@ -202,6 +202,9 @@ def _(student, teacher, labels, backend, temperature, scale_t2, divergence, beta
 
 def _setup_context(ctx, inputs, output) -> None:
     _, gs, gt = output
+    # The gradient outputs are side products nobody differentiates; without this autograd would
+    # fill two N x V zero tensors for them in every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(gs, gt)
     ctx.reduction = inputs[11]
     ctx.need_teacher_grad = inputs[12]
@@ -222,6 +225,8 @@ def _scale(saved: Tensor, g: Tensor, reduction: int) -> Tensor:
 
 def _backward(ctx, g_loss, _g_gs, _g_gt):
     gs, gt = ctx.saved_tensors
+    if g_loss is None:  # grads are not materialized: no gradient flowed into the loss
+        return (None,) * 13
     grad_s = _scale(gs, g_loss, ctx.reduction) if ctx.needs_input_grad[0] else None
     grad_t = None
     if ctx.need_teacher_grad and ctx.needs_input_grad[1]:
