@@ -1,0 +1,58 @@
+"""Spiking networks: multi-step layers, ANN -> SNN conversion, running with early exit, latency cuts.
+
+* :mod:`kdengine.snn.layers` — :class:`IFNeuron`, :class:`MultiStep`, :class:`CumulativeMaxPool2d`,
+  :class:`IntegrateOutput` (all on ``(T, B, ...)`` tensors, state carried between calls).
+* :mod:`kdengine.snn.binary` — :class:`SpikingBinaryLinear` / :class:`SpikingBinaryConv2d`:
+  spikes x binary weights on the packed AND-popcount kernel.
+* :mod:`kdengine.snn.convert` — :func:`convert` (float or binary-weight ReLU nets -> SNN),
+  :func:`calibrate`, :func:`fold_batchnorm`, :class:`SpikingNetwork`.
+* :mod:`kdengine.snn.run` — :func:`run_snn`, :class:`EarlyExit`, :func:`simulate_early_exit`.
+* :mod:`kdengine.snn.latency` — design-time scaling search and early-exit tuning.
+"""
+from kdengine.snn.binary import SpikingBinaryConv2d, SpikingBinaryLinear
+from kdengine.snn.convert import (
+    ENCODINGS,
+    NORMALIZATIONS,
+    Calibration,
+    SpikingNetwork,
+    calibrate,
+    convert,
+    fold_batchnorm,
+)
+from kdengine.snn.latency import ScalingSearch, search_scaling, tune_early_exit
+from kdengine.snn.layers import (
+    CumulativeMaxPool2d,
+    IFNeuron,
+    IntegrateOutput,
+    MultiStep,
+    Stateful,
+    keep_states,
+    reset_states,
+)
+from kdengine.snn.run import EarlyExit, SNNRun, run_snn, simulate_early_exit
+
+__all__ = [
+    "IFNeuron",
+    "MultiStep",
+    "CumulativeMaxPool2d",
+    "IntegrateOutput",
+    "Stateful",
+    "reset_states",
+    "keep_states",
+    "SpikingBinaryLinear",
+    "SpikingBinaryConv2d",
+    "convert",
+    "calibrate",
+    "Calibration",
+    "fold_batchnorm",
+    "SpikingNetwork",
+    "ENCODINGS",
+    "NORMALIZATIONS",
+    "EarlyExit",
+    "SNNRun",
+    "run_snn",
+    "simulate_early_exit",
+    "search_scaling",
+    "ScalingSearch",
+    "tune_early_exit",
+]
