@@ -182,7 +182,9 @@ def _flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, n
 
 
 def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.detach().to(torch.float32).clone()
+    """A detached copy in the parameter's own dtype (``fold_batchnorm`` of a float64 model stays
+    float64; the SNN is built in float32)."""
+    return None if t is None else t.detach().clone()
 
 
 def _weight_from(name: str, m: nn.Module) -> Optional[_Weight]:
@@ -205,8 +207,8 @@ def _weight_from(name: str, m: nn.Module) -> Optional[_Weight]:
                 "mode='both' network has sign activations, which rate coding cannot express"
             )
         if isinstance(m, (BinaryConv2d, BinaryLinear)):
-            w = m.weight.detach().to(torch.float32)
-            sign = torch.where(w >= 0, 1.0, -1.0)
+            w = m.weight.detach()
+            sign = torch.where(w >= 0, 1, -1).to(w.dtype)
             alpha = channel_scale(w).detach().clone()
         else:
             pm = m.packed_weight.unpack(torch.float32)
@@ -231,7 +233,7 @@ def _bn_affine(name: str, bn: nn.Module) -> tuple[Tensor, Tensor]:
     c = -bn.running_mean.detach().to(torch.float64) * k
     if bn.bias is not None:
         c = c + bn.bias.detach().to(torch.float64)
-    return k.to(torch.float32), c.to(torch.float32)
+    return k, c  # float64; cast to the target layer's dtype when folded
 
 
 def _parse(model: nn.Module) -> list[_Op]:
@@ -302,7 +304,8 @@ def _fold_bn_into(ops: list[_Op], name: str, bn: nn.Module) -> None:
     if k.numel() != target.out_channels:
         raise ValueError(f"BatchNorm {name!r} has {k.numel()} features but layer {target.name!r} "
                          f"has {target.out_channels} outputs")
-    target.fold_affine(k, c)
+    dt = (target.sign if target.binary else target.weight).dtype
+    target.fold_affine(k.to(dt), c.to(dt))
 
 
 def _blocks(ops: list[_Op]) -> list[list[_Op]]:
@@ -489,14 +492,14 @@ def calibrate(model: nn.Module, calibration_data: Any, *, batch_size: int = 256,
             continue
         if shape is None:
             shape = tuple(xb.shape[1:])
-        h = xb.to(device=dev, dtype=torch.float32)
+        h = xb.to(device=dev, dtype=_dtype_of(blocks))
         for i, block in enumerate(blocks[:-1]):
             for op in block:
                 h = _run_op(op, h)
             v = h[h > 0]
             pos[i] += v.numel()
             tot[i] += h.numel()
-            kept[i].append(v.flatten().cpu())
+            kept[i].append(v.flatten().float().cpu())
         n += xb.shape[0]
     if n == 0:
         raise ValueError("calibration_data is empty: at least one input is needed")
@@ -511,6 +514,14 @@ def calibrate(model: nn.Module, calibration_data: Any, *, batch_size: int = 256,
         acts.append(torch.sort(v).values)
     frac = [p / t if t else 0.0 for p, t in zip(pos, tot)]
     return Calibration(blocks, acts, n, shape, frac)
+
+
+def _dtype_of(blocks: list[list[_Op]]) -> torch.dtype:
+    for b in blocks:
+        for op in b:
+            if op.kind == "weight":
+                return op.weight.effective_weight().dtype
+    return torch.float32
 
 
 def _device_of(blocks: list[list[_Op]]) -> torch.device:
@@ -713,7 +724,7 @@ def _build(cal: Calibration, lams: list[float], *, encoding: str, normalize: str
                                "its input is not spikes (analog input or pooled spikes)")
                         notes.append(f"binary layer {op.name!r} runs as a float layer of +-alpha "
                                      f"weights: {why}")
-                    layers.append(MultiStep(wl.float_module()))
+                    layers.append(MultiStep(wl.float_module().float(), channels_last=wl.kind == "conv"))
                     kinds.append(f"{op.name}: {'binary-as-float' if wl.binary else 'float'} {wl.kind}")
                 spikes_in = False
             elif op.kind == "relu":

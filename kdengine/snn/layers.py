@@ -173,17 +173,29 @@ class IFNeuron(Stateful):
     def forward(self, x: Tensor) -> Tensor:
         x = _check_seq(x)
         self._check_state_batch(self.v, x, "potential v")
+        v0 = self._initial(x)
+        # A channels-last (T, B, C, H, W) input (memory order T, B, H, W, C: what a channels-last
+        # conv or the packed binary conv produce) runs in its memory order: neurons are
+        # independent, so the order is free, and the spikes stay channels-last for the next conv
+        # instead of paying a layout copy here and another one there.
+        cl = x.dim() == 5 and not x.is_contiguous() and x.permute(0, 1, 3, 4, 2).is_contiguous()
+        if cl:
+            x = x.permute(0, 1, 3, 4, 2)
+            if v0 is not None:
+                v0 = v0.permute(0, 2, 3, 1)
         s, v = if_multistep(
             x,
             self.v_threshold,
             self.v_reset,
-            v_init=self._initial(x),
+            v_init=v0,
             return_v=True,
             surrogate=self.surrogate,
             alpha=self.alpha,
             detach_reset=self.detach_reset,
             backend=self.backend,
         )
+        if cl:
+            s, v = s.permute(0, 1, 4, 2, 3), v.permute(0, 3, 1, 2)
         self.v = v
         if self.count_spikes:
             self.spike_count += float(s.detach().sum())
@@ -202,18 +214,26 @@ class MultiStep(nn.Module):
     ``forward(x)`` = ``module(x.flatten(0, 1)).unflatten(0, (T, B))``: one call for all steps,
     the same numbers as calling ``module`` on each step (the layer must treat batch rows
     independently: conv, linear, pooling, flatten, eval-mode norm layers).
+
+    ``channels_last``: hand 4-d step tensors to the module in channels-last memory order (a no-op
+    when they already are); torch's CPU convolutions with few channels run ~2x faster that way.
+    Values are unchanged; the output keeps whatever layout the module gives.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, *, channels_last: bool = False) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         self.module = module
+        self.channels_last = bool(channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
         x = _check_seq(x)
         t, b = x.shape[0], x.shape[1]
-        y = self.module(x.flatten(0, 1))
+        xf = x.flatten(0, 1)
+        if self.channels_last and xf.dim() == 4:
+            xf = xf.contiguous(memory_format=torch.channels_last)
+        y = self.module(xf)
         return y.unflatten(0, (t, b))
 
 
