@@ -12,7 +12,7 @@
 // This is autograd of kdengine/reference/spiking.py, written out.
 //
 // Layout: x, spikes, grad_spikes, grad_x are contiguous (T, N): step t of neuron n at t*N + n.
-// Neurons are independent: at::parallel_for splits n over the cores; each task walks blocks of B
+// Neurons are independent: kdengine::parallel_for (parallel.h) splits n over the cores; each task walks blocks of B
 // neurons, and for each block runs the whole T loop with the block's potentials in a small array
 // (L1, loaded into 16-byte vector registers a few neurons at a time), so every step reads one
 // contiguous run of B inputs and writes one run of B spikes.
@@ -27,6 +27,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+
+#include "cpu/parallel.h"
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
@@ -342,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> if_fwd_cpu(const at::Tensor& x,
     acc_t* vo = v_out.data_ptr<acc_t>();
     const acc_t thr = static_cast<acc_t>(v_threshold), rs = static_cast<acc_t>(v_reset);
     const acc_t rst = static_cast<acc_t>(rest);
-    at::parallel_for(0, N, grain_for(T), [&](int64_t b, int64_t e) {
+    kdengine::parallel_for(0, N, grain_for(T), [&](int64_t b, int64_t e) {
       if (hard_reset)
         fwd_range<scalar_t, acc_t, true>(xp, sp, vp, vo, T, N, b, e, thr, rs, rst);
       else
@@ -395,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor> if_bwd_cpu(const at::Tensor& x,
     const acc_t* gvp = has_gv ? grad_v->data_ptr<acc_t>() : nullptr;
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     acc_t* gv0p = gv0.data_ptr<acc_t>();
-    at::parallel_for(0, N, grain_for(T), [&](int64_t b, int64_t e) {
+    kdengine::parallel_for(0, N, grain_for(T), [&](int64_t b, int64_t e) {
       if (hard_reset) {
         if (surrogate == kSurAtan)
           bwd_dispatch_detach<scalar_t, acc_t, true, kSurAtan>(detach_reset, xp, vp, gsp, gvp,

@@ -43,7 +43,6 @@
 // time where the CPU has it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/TensorIterator.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -57,6 +56,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/parallel.h"
 #include "cpu/vec_math.h"
 
 #if defined(__linux__)
@@ -606,37 +606,6 @@ RowFnF pick_row_f32() {
   return &row_f32_portable;
 }
 
-// Rows in [0, n) over ATen's intra-op threads. at::parallel_for is a header template that only
-// runs in parallel when the including file is compiled with OpenMP (AT_PARALLEL_OPENMP builds);
-// this extension is not, so without OpenMP we go through TensorIterator::for_each, whose
-// parallel loop is compiled into libtorch: the row index is recovered from the data pointer of
-// an (n,) buffer. Chunks are contiguous row ranges; results never depend on how rows are split.
-template <class F>
-void parallel_rows(const at::Tensor& rows_buf, int64_t grain, const F& f) {
-  const int64_t n = rows_buf.numel();
-#ifdef INTRA_OP_PARALLEL
-  (void)rows_buf;
-  at::parallel_for(0, n, grain, f);
-#else
-  auto iter = at::TensorIteratorConfig()
-                  .add_output(rows_buf)
-                  .check_all_same_dtype(false)
-                  .resize_outputs(false)
-                  .build();
-  const char* base = static_cast<const char*>(rows_buf.data_ptr());
-  const int64_t es = rows_buf.element_size();
-  iter.for_each(
-      [&](char** data, const int64_t* strides, int64_t size0, int64_t size1) {
-        for (int64_t j = 0; j < size1; ++j) {
-          const int64_t b = (data[0] + j * strides[1] - base) / es;
-          f(b, b + size0);
-        }
-      },
-      grain);
-  (void)n;
-#endif
-}
-
 // A fresh output of 100+ MB is mmap'ed by malloc and first-touched by the kernel: with 4 KB pages
 // that is one page fault per 4 KB, which on this kind of machine costs more CPU time than the
 // loss itself (measured: 0.09 s vs 0.024 s to fault in 131 MB). Asking for transparent huge
@@ -827,7 +796,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
     const scalar_t* tp = t.data_ptr<scalar_t>();
     scalar_t* gsp = gs.data_ptr<scalar_t>();
     scalar_t* gtp = need_teacher_grad ? gt.data_ptr<scalar_t>() : nullptr;
-    parallel_rows(row_loss, grain, [&](int64_t b, int64_t e) {
+    kdengine::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
       run_rows<scalar_t>(sp, tp, lp, gsp, gtp, rl, b, e, ignore_index, A, fnf);
     });
   });

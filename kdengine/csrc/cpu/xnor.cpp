@@ -24,7 +24,7 @@
 //   where the CPU has it, else libgcc's bit-twiddling).
 //
 // Cache blocking and memory traffic. Tasks of 64 A rows x 128 B rows go to ATen's threads
-// (at::parallel_for). In the GEMM path a task walks K in blocks of <= 31 steps (7936 bits); its B
+// (kdengine::parallel_for, parallel.h). In the GEMM path a task walks K in blocks of <= 31 steps (7936 bits); its B
 // block (128 rows x 31 steps x 64 B = 254 KiB of planes) stays in L2 and is streamed once per A
 // panel as one sequential, software-prefetched stream, while the A panel (<= 7.9 KiB) stays in L1
 // across the task's 64 B panels. Per 8 outputs and step the tile loads 8 A + 4 B vectors (L1/L2),
@@ -35,6 +35,8 @@
 // x 4096 GEMM incl. packing ~400 G (~9.5x torch fp32 at ~43 G); see kdengine/bench/binary.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include "cpu/parallel.h"
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -461,7 +463,7 @@ void drive(int64_t M, int64_t N, int64_t kunits, int64_t kblock, const Tile& til
   const int64_t nmb = (M + MB - 1) / MB;
   const int64_t nnb = (N + NB - 1) / NB;
   // Task t = (B block t / nmb, A block t % nmb): consecutive tasks of one thread share a B block.
-  at::parallel_for(0, nmb * nnb, 1, [&](int64_t t0, int64_t t1) {
+  kdengine::parallel_for(0, nmb * nnb, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = (t % nmb) * MB, m1 = std::min(M, m0 + MB);
       const int64_t n0 = (t / nmb) * NB, n1 = std::min(N, n0 + NB);
@@ -487,7 +489,7 @@ bool gemm_counts(const u32* A, int64_t M, const u32* B, int64_t N, int64_t W, in
     auto split_all = [&](const u32* src, int64_t rows) {
       at::Tensor t = at::empty({rows, lds}, at::TensorOptions().dtype(at::kInt));  // 64-B aligned
       u32* dst = reinterpret_cast<u32*>(t.data_ptr<int32_t>());
-      at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / W), [&](int64_t r0, int64_t r1) {
+      kdengine::parallel_for(0, rows, std::max<int64_t>(1, 8192 / W), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) split_row_avx2(src + r * W, W, dst + r * lds);
       });
       return t;
@@ -498,7 +500,7 @@ bool gemm_counts(const u32* A, int64_t M, const u32* B, int64_t N, int64_t W, in
       at::Tensor bp = at::empty({npb, nv * PNR * 16}, at::TensorOptions().dtype(at::kInt));
       u32* apd = reinterpret_cast<u32*>(ap.data_ptr<int32_t>());
       u32* bpd = reinterpret_cast<u32*>(bp.data_ptr<int32_t>());
-      at::parallel_for(0, npa + npb, std::max<int64_t>(1, 4096 / W), [&](int64_t p0, int64_t p1) {
+      kdengine::parallel_for(0, npa + npb, std::max<int64_t>(1, 4096 / W), [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
           if (p < npa)
             pack_panel_avx2(A, M, W, PMR, p, apd);
@@ -508,7 +510,7 @@ bool gemm_counts(const u32* A, int64_t M, const u32* B, int64_t N, int64_t W, in
       });
       const int64_t apstride = nv * PMR * 16, bpstride = nv * PNR * 16;
       const int64_t nmb = (M + MB - 1) / MB, nnb = (N + NB - 1) / NB;
-      at::parallel_for(0, nmb * nnb, 1, [&](int64_t t0, int64_t t1) {
+      kdengine::parallel_for(0, nmb * nnb, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {  // consecutive tasks share a B block (L2)
           const int64_t m0 = (t % nmb) * MB, m1 = std::min(M, m0 + MB);
           const int64_t n0 = (t / nmb) * NB, n1 = std::min(N, n0 + NB);
@@ -651,7 +653,7 @@ at::Tensor pack_signs_impl(const at::Tensor& x_in, Isa isa) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "binary_pack_signs", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / K);
-    at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+    kdengine::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
       bool nan = false;
       for (int64_t r = r0; r < r1; ++r) {
         pack_signs_row(xp + r * K, K, o + r * W, nan, isa);
@@ -675,7 +677,7 @@ at::Tensor pack_bool_impl(const at::Tensor& s_in, Isa isa) {
   u32* o = reinterpret_cast<u32*>(out.data_ptr<int32_t>());
   const uint8_t* sp = reinterpret_cast<const uint8_t*>(s.data_ptr());
   const int64_t grain = std::max<int64_t>(1, 65536 / K);
-  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+  kdengine::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       if (isa == kAvx2)
         pack_bool_row_avx2(sp + r * K, K, o + r * W);
@@ -726,7 +728,7 @@ at::Tensor binary_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, int6
   // per-row base of the result: K (xnor) or popcount of the spike row
   std::vector<int32_t> base(static_cast<size_t>(M), static_cast<int32_t>(k));
   if (mode == 1) {
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / W), [&](int64_t m0, int64_t m1) {
+    kdengine::parallel_for(0, M, std::max<int64_t>(1, 16384 / W), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         int64_t p = 0;
         for (int64_t w = 0; w < W; ++w) p += __builtin_popcount(ap[m * W + w]);
@@ -743,7 +745,7 @@ at::Tensor binary_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, int6
   if (gemm_counts(ap, M, reinterpret_cast<const u32*>(b.data_ptr<int32_t>()), N, W, cp, mode == 1,
                   isa, base.data()))
     return c;
-  at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
+  kdengine::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t n = 0; n < N; ++n) cp[m * N + n] = base[m] - 2 * cp[m * N + n];
   });
@@ -755,7 +757,7 @@ at::Tensor binary_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, int6
 template <typename acc_t>
 void linear_epilogue(const int32_t* c, int64_t M, int64_t N, int64_t k, const acc_t* scale,
                      const acc_t* bias, acc_t* y) {
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
+  kdengine::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t n = 0; n < N; ++n) {
         acc_t v = static_cast<acc_t>(k - 2 * static_cast<int64_t>(c[m * N + n]));
