@@ -179,16 +179,19 @@ def _check_native_gemm(ops, isa, mode, mnk, seed):
 
 @cpu_only
 @pytest.mark.parametrize(
-    "isa,split_b_rows",
-    [(0, None), (1, None), (2, 1), (2, 1 << 40)],
-    ids=["portable", "popcnt", "avx2-panels", "avx2-rawB"],
+    "isa,split_b_rows,lut_min",
+    [(0, None, None), (1, None, None), (2, 1, 1 << 40), (2, 1 << 40, 1 << 40), (2, 1 << 40, 1)],
+    ids=["portable", "popcnt", "avx2-panels", "avx2-rawB", "avx2-lut"],
 )
 @pytest.mark.parametrize("mode", [0, 1], ids=["xnor", "spike"])
-@pytest.mark.parametrize("mnk", [(70, 131, 75), (3, 5, 2 * 8192 + 40), (1, 257, 4096 + 7)], ids=str)
-def test_cpu_every_isa_and_blocking_path(isa, split_b_rows, mode, mnk, seed):
+@pytest.mark.parametrize(
+    "mnk", [(70, 131, 75), (3, 5, 2 * 8192 + 40), (1, 257, 4096 + 7), (130, 520, 1800 + 3)], ids=str
+)
+def test_cpu_every_isa_and_blocking_path(isa, split_b_rows, lut_min, mode, mnk, seed):
     """Each code path of csrc/cpu/xnor.cpp (portable, POPCNT, AVX2 with packed panels of both
-    operands or with raw B rows, forced whatever M is), with edge tiles, several tasks (M > 64,
-    N > 128) and several K blocks (K > 7936 bits) with a partial last vector."""
+    operands, with raw B rows, or the table-lookup GEMM of xnor_lut.cpp, forced whatever M and N
+    are), with edge tiles, several tasks (M > 64, N > 128 and > 256) and several K blocks
+    (K > 7936 bits; > 56 words for the lookup path) with a partial last vector."""
     from kdengine import _native
 
     ops = _native.ops("cpu")
@@ -196,10 +199,43 @@ def test_cpu_every_isa_and_blocking_path(isa, split_b_rows, mode, mnk, seed):
         _check_native_gemm(ops, isa, mode, mnk, seed)
         return
     old = ops.binary_set_split_b_rows(split_b_rows)
+    old_lut = ops.binary_set_lut_min(lut_min, lut_min)
     try:
         _check_native_gemm(ops, isa, mode, mnk, seed)
     finally:
         ops.binary_set_split_b_rows(old)
+        ops.binary_set_lut_min(*old_lut)
+
+
+@cpu_only
+@pytest.mark.parametrize("mode", [0, 1], ids=["xnor", "spike"])
+def test_cpu_lut_gemm_16bit_superblocks(mode, seed):
+    """K > 2044 words (65,408 bits): the lookup GEMM's 16-bit counters are flushed to int32 between
+    super-blocks; rows of all-ones against all-ones reach the largest counts."""
+    from kdengine import _native
+
+    ops = _native.ops("cpu")
+    k = 2044 * 32 * 2 + 77
+    a = torch.randn(3, k)
+    a[0] = -1.0  # all bits set: popcount(a XOR b) or (a AND b) is maximal against row 0 of b
+    b = torch.randn(70, k)
+    b[0] = -1.0 if mode == 1 else 1.0
+    if mode == 0:
+        pa, pb = pack_signs(a), pack_signs(b)
+        expected = torch.round(_pm1(a) @ _pm1(b).T).to(torch.int32)
+    else:
+        s = (a < 0).float()
+        pa, pb = pack_spikes(s), pack_signs(b)
+        expected = torch.round(s.double() @ _pm1(b).T).to(torch.int32)
+    old = ops.binary_set_lut_min(1, 1)
+    try:
+        out = ops.binary_gemm(pa.bits, pb.bits, k, mode, 2)
+    except ValueError as exc:  # this CPU lacks AVX2
+        pytest.skip(str(exc))
+    finally:
+        ops.binary_set_lut_min(*old)
+    assert torch.equal(out, expected)
+    assert abs(int(out[0, 0])) == k
 
 
 # --------------------------------------------------------------------------- binary linear

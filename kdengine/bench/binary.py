@@ -12,8 +12,12 @@ CPU rows (the issue's targets):
 
 Roofline. ``popcount_roofline_gmacs`` = threads x clock x 256 binary MACs per clock, i.e. one
 256-bit XOR + popcount + accumulate per clock per core (the issue's model). ``issue_bound_gmacs``
-is the bound of the algorithm actually used (AVX2 nibble-lookup popcount): 6 vector ops per
-256 binary MACs on 4 vector pipes = 170.7 MACs per clock per core. The clock comes from a probe in
+is the bound of the algorithm actually used at these shapes, the table-lookup GEMM of
+csrc/cpu/xnor_lut.cpp: one vpshufb (+ one byte add) per 128 binary MACs, and vpshufb issues on 2
+of the 4 vector pipes (Zen 3; Intel cores since Ice Lake also have 2 shuffle ports) = 256 MACs per
+clock per core -- the same number as the popcount roofline, reached by another route. (The
+nibble-LUT popcount kernel it replaced needed XOR + 2 shuffles + 2 adds per 256 MACs: 171 per
+clock on 4 pipes.) The clock comes from a probe in
 the native library (dependent adds timed with the thread's CPU clock), so it includes turbo.
 
 Timings are wall-clock medians (``time_fn``) with all threads. On a shared machine those are noisy,
@@ -31,8 +35,8 @@ import torch.nn.functional as F
 
 from kdengine.bench.timing import sync, time_fn
 
-AVX2_OPS_PER_STEP = 6  # XOR, 2 x vpshufb, 2 x vpaddb ... per output and 256-bit step (see xnor.cpp)
-VECTOR_PIPES = 4
+MACS_PER_SHUFFLE = 128  # 32 byte lanes x one 4-bit nibble each (csrc/cpu/xnor_lut.cpp)
+SHUFFLE_PIPES = 2
 
 
 def _cpu_seconds_1t(fn: Callable[[], object], repeat: int) -> float:
@@ -111,7 +115,7 @@ def _cpu_rows(quick: bool, repeat: int) -> list[dict]:
         }
         if ghz:
             roof = threads * ghz * 256.0
-            issue = threads * ghz * 256.0 * VECTOR_PIPES / AVX2_OPS_PER_STEP
+            issue = threads * ghz * MACS_PER_SHUFFLE * SHUFFLE_PIPES
             extra.update({
                 "clock_GHz": ghz,
                 "popcount_roofline_gmacs": roof,
@@ -229,7 +233,7 @@ def check_targets(rows: list[dict]) -> list[str]:
                 f"{100 * r['roofline_fraction']:.0f}% of the popcount roofline "
                 f"({r['popcount_roofline_gmacs']:.0f} G = {r['threads']} cores x "
                 f"{r['clock_GHz']:.2f} GHz x 256), {100 * r['issue_bound_fraction']:.0f}% of the "
-                f"AVX2 nibble-LUT issue bound ({r['issue_bound_gmacs']:.0f} G); per core, CPU time: "
+                f"AVX2 table-lookup issue bound ({r['issue_bound_gmacs']:.0f} G); per core, CPU time: "
                 f"{100 * r['roofline_fraction_1t_cpu']:.0f}% / {100 * r['issue_bound_fraction_1t_cpu']:.0f}%"
             )
     return lines
