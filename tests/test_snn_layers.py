@@ -190,3 +190,23 @@ def test_spiking_binary_layers_reject_bad_inputs():
     conv = SpikingBinaryConv2d(_pm1(2, 3, 3, 3), torch.ones(2))
     with pytest.raises(ValueError, match="channels"):
         conv(torch.zeros(1, 1, 4, 5, 5))
+
+
+def test_spiking_modules_are_kdengine_nn_layers(seed):
+    """The issue names them kdengine.nn.IFNeuron / MultiStep / IntegrateOutput: a model built from
+    kdengine.nn alone runs T steps and predicts from the integrated potential."""
+    import kdengine.nn as knn
+
+    net = nn.Sequential(
+        knn.MultiStep(nn.Linear(11, 7)), knn.IFNeuron(0.5), knn.MultiStep(nn.Linear(7, 3)),
+        knn.IntegrateOutput(),
+    )
+    x = torch.rand(6, 4, 11)
+    with torch.no_grad():
+        v = net(x)
+        lin1, lin2 = net[0].module, net[2].module
+        spikes = if_multistep(torch.stack([lin1(x[t]) for t in range(6)]), 0.5)
+        expected = torch.stack([lin2(spikes[t]) for t in range(6)]).double().cumsum(0)
+    assert v.shape == (6, 4, 3)
+    torch.testing.assert_close(v, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(net[3].prediction(), expected[-1].argmax(-1))

@@ -26,6 +26,9 @@ from kdengine.nn.packed import (
     state_nbytes,
 )
 
+# Last: kdengine.snn imports the binary layers above (kdengine.snn.convert), so this must follow them.
+from kdengine.snn.layers import IFNeuron, IntegrateOutput, MultiStep  # noqa: E402
+
 __all__ = [
     "MODES",
     "SignSTE",
@@ -40,4 +43,7 @@ __all__ = [
     "PackedBinaryConv2d",
     "pack_model",
     "state_nbytes",
+    "IFNeuron",
+    "MultiStep",
+    "IntegrateOutput",
 ]
