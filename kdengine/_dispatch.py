@@ -97,6 +97,7 @@ def register(op: str, backend: str, native_ops: tuple[str, ...] = ()) -> Callabl
 
     def deco(fn: Callable) -> Callable:
         _REGISTRY.setdefault(op, {})[backend] = fn
+        _RESOLVED.clear()
         if native_ops:
             _NATIVE_OPS[(op, backend)] = tuple(native_ops)
         return fn
@@ -138,7 +139,21 @@ def resolve(op: str, device: torch.device, backend: str | None) -> str:
     return _resolve(op, device, backend)
 
 
+# (op, device type, backend argument, KDENGINE_BACKEND) -> resolved backend. Availability cannot
+# change within a process once probed (libraries load once, devices stay), so a successful answer
+# is kept; errors are recomputed (and raised) each time. register() clears it.
+_RESOLVED: dict[tuple[str, str, str | None, str], str] = {}
+
+
 def _resolve(op: str, device: torch.device, backend: str | None) -> str:
+    key = (op, device.type, backend, os.environ.get(ENV_VAR, ""))
+    hit = _RESOLVED.get(key)
+    if hit is None:
+        hit = _RESOLVED[key] = _resolve_uncached(op, device, backend)
+    return hit
+
+
+def _resolve_uncached(op: str, device: torch.device, backend: str | None) -> str:
     requested = backend
     source = "backend argument"
     if requested is None or requested == "auto":

@@ -124,12 +124,25 @@ def load(kind: str, verbose: bool = False) -> None:
         _LOADED.add(kind)
 
 
+_STATUS: dict[str, Availability] = {}
+_HAS_OP: dict[tuple[str, str], bool] = {}
+
+
 def status(kind: str) -> Availability:
+    """Whether the ``kind`` library builds and loads here, and why not. The outcome of a load
+    never changes within a process (successes and failures are both kept), so it is computed
+    once: dispatch asks on every op call."""
+    cached = _STATUS.get(kind)
+    if cached is not None:
+        return cached
     try:
         load(kind)
     except NativeBuildError as exc:
-        return Availability(False, str(exc))
-    return Availability(True, f"native {kind} extension built in {cache_dir()}")
+        avail = Availability(False, str(exc))
+    else:
+        avail = Availability(True, f"native {kind} extension built in {cache_dir()}")
+    _STATUS[kind] = avail
+    return avail
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,11 +154,17 @@ def ops(kind: str):
 
 def has_op(kind: str, name: str) -> bool:
     """Is ``torch.ops.kdengine_<kind>.<name>`` registered (after loading the library)?"""
+    cached = _HAS_OP.get((kind, name))
+    if cached is not None:
+        return cached
     try:
         load(kind)
     except NativeBuildError:
-        return False
-    return torch._C._dispatch_has_kernel(f"kdengine_{kind}::{name}") or _has_schema(kind, name)
+        found = False
+    else:
+        found = torch._C._dispatch_has_kernel(f"kdengine_{kind}::{name}") or _has_schema(kind, name)
+    _HAS_OP[(kind, name)] = found
+    return found
 
 
 def _has_schema(kind: str, name: str) -> bool:

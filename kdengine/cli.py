@@ -1,4 +1,4 @@
-"""`kdengine` command line: doctor, build, bench, repro, infer."""
+"""`kdengine` command line: doctor, build, bench, repro, infer, demo."""
 from __future__ import annotations
 
 import argparse
@@ -80,6 +80,12 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from kdengine.demo.command import run_from_args
+
+    return run_from_args(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["repro"]:  # the repro registry owns its own arguments
@@ -107,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_bench)
     sub.add_parser("repro", help="paper reproductions: kdengine repro --list | NAME [--quick]")
     sub.add_parser("infer", help="run a packed model: kdengine infer MODEL INPUT [--batch N] [--json]")
+    p = sub.add_parser("demo", help="the main job on MNIST: teacher -> KD binary student -> packed runtime, "
+                                    "binary SNN, crossbar; one table and plots")
+    from kdengine.demo.command import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(fn=_demo)
     args = ap.parse_args(argv)
     return args.fn(args)
 
