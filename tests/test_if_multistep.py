@@ -71,6 +71,20 @@ def test_forward_equals_reference_exactly(backend, shape, dtype, v_reset, seed):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("v_reset", RESETS, ids=RESET_IDS)
+def test_inference_fast_path_equals_autograd_path(backend, v_reset, seed):
+    """Without grad the entry point calls the kernel directly (no custom-op machinery); with grad
+    it goes through the torch.library op. Same spikes, same final potential."""
+    x = _x((9, 4, 13))
+    v0 = torch.rand(4, 13) * THR
+    with torch.no_grad():
+        s0, v_0 = if_multistep(x, THR, v_reset, v_init=v0, return_v=True, backend=backend)
+    s1, v_1, _, _ = _run(backend, x, torch.ones(9, 4, 13), v_init=v0, v_reset=v_reset)
+    assert torch.equal(s0, s1) and torch.equal(v_0, v_1)
+    assert not s0.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v_reset", RESETS, ids=RESET_IDS)
 def test_forward_with_v_init_and_ties_at_threshold(backend, v_reset, seed):
     # Inputs on a 1/8 grid with theta = 1: potentials hit the threshold exactly (s = 1 at v == theta).
     x = torch.randint(-4, 9, (9, 37)).double().div(8).float()
