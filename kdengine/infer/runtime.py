@@ -266,13 +266,27 @@ def _step_packed_conv(m: PackedBinaryConv2d, x: Tensor) -> _Built:
         else:
             sub = torch.tensor(shift, dtype=torch.int32, device=x.device) if shift else None
     b, o = geo.batch, bits.shape[0]
+    # Epilogue in (pixels, O) layout, in place: the integer counts, minus the correction, are exact
+    # in the compute dtype (|dot| < 2^24), then * scale and + bias round separately, exactly as
+    # ref.epilogue does; one permute-copy to NCHW at the end.
+    ct = _compute_dtype(x.dtype)
+    if sub is None:
+        sub_f = None
+    elif sub.dim() == 0:
+        sub_f = sub.to(ct)
+    else:
+        sub_f = sub[0].permute(1, 2, 0).reshape(oh * ow, o).to(ct)
 
     def fn(x: Tensor) -> Tensor:
         a = bops.channel_words(x, geo, backend)
-        dot = gemm(a, wq, kp).reshape(b, oh, ow, o).permute(0, 3, 1, 2)
-        if sub is not None:
-            dot = dot - sub
-        return ref.epilogue(dot, sc, bi, x.dtype, channel_dim=1).contiguous()
+        y = gemm(a, wq, kp).to(ct).view(b, oh * ow, o)
+        if sub_f is not None:
+            y.sub_(sub_f)
+        if sc is not None:
+            y.mul_(sc)
+        if bi is not None:
+            y.add_(bi)
+        return y.view(b, oh, ow, o).permute(0, 3, 1, 2).to(x.dtype, memory_format=torch.contiguous_format)
 
     return _Built(fn, fn(x), True, "binary conv, xnor-popcount GEMM (weights repacked once)",
                   precomputed=wq.numel() * 4 + (0 if sub is None else sub.numel() * 4))
