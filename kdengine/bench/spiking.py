@@ -13,6 +13,9 @@ same run (a copy into an already-touched buffer). Every implementation here allo
 outputs, and first-touching fresh memory costs the kernel's page zeroing and faults on top of the
 copy's traffic, so the forward also gets a floor row of the same bytes and allocation pattern:
 ``x.clone()`` (read x, write a fresh (T, N) tensor); ``clone_fraction`` = clone time / kdengine time.
+The C++ backend takes its large outputs from a reuse pool (:mod:`kdengine.cpu_pool`), so repeated
+calls skip those faults; the row ``kdengine[cpu], pool off`` times the same kernel with the pool
+disabled (fresh memory every call, like the baselines), so both effects are on record.
 """
 from __future__ import annotations
 
@@ -88,6 +91,18 @@ def kdengine_if(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     return if_multistep(x, THRESHOLD, None, surrogate="atan", alpha=ALPHA, backend=backend)
 
 
+def kdengine_if_fresh(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """kdengine with the CPU output pool off: every call maps (and faults in) fresh output memory,
+    as the torch baselines do. Shows what the pool (kdengine.cpu_pool) contributes."""
+    from kdengine import cpu_pool
+
+    old = cpu_pool.set_limit(0)
+    try:
+        return kdengine_if(x, backend)
+    finally:
+        cpu_pool.set_limit(old)
+
+
 def spikingjelly_node():
     """SpikingJelly IFNode(step_mode='m'), soft reset, ATan(2): its torch backend on CPU (2.x has
     no backend argument and always runs torch there; older versions take backend='torch')."""
@@ -147,6 +162,8 @@ def run_spiking_bench(quick: bool = False, shape: tuple[int, int] | None = None,
         (f"kdengine[{backend}]", lambda a: kdengine_if(a, backend)),
         ("torch in-place step loop", None),  # per case below
     ]
+    if backend == "cpu":
+        impls.insert(1, (f"kdengine[{backend}], pool off", lambda a: kdengine_if_fresh(a, backend)))
     node = spikingjelly_node() if with_spikingjelly else None
     if node is not None:
         impls.append(("spikingjelly IFNode (torch)", _sj_fn(node)))

@@ -24,10 +24,17 @@
 // the forward, 4 B read in the backward (x is not needed then, so 12 B too), i.e. 24 B in all vs
 // 20 B here, and keep a (T, N) fp32 buffer alive between forward and backward (x is alive anyway
 // whenever its producer is part of the graph). bf16/fp16 inputs halve every term but the buffer.
+// fp32 forward on AVX2 CPUs (run-time check): 8 neurons per vector, the same operations (so the
+// same bits), and spikes written with non-temporal stores, which skip the read-for-ownership a
+// plain store does on each fresh line: 8 B of DRAM traffic per element and step instead of 12.
+// Outputs >= 8 MB come from output_pool.h, which reuses freed buffers: a repeated call does not
+// pay the OS's page faults and zeroing on a fresh output again (measured at T=16, N=2^20 fp32:
+// ~7 ms of faults with THP, vs ~9 ms for the forward's own traffic).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "cpu/output_pool.h"
 #include "cpu/parallel.h"
 #include <c10/util/Optional.h>
 #include <torch/library.h>
@@ -35,6 +42,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -42,6 +50,10 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#endif
+
+#if defined(__x86_64__)
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -219,6 +231,87 @@ void fwd_range(const scalar_t* __restrict__ x, scalar_t* __restrict__ spikes,
   }
 }
 
+#if defined(__x86_64__)
+// fp32 forward, 8 neurons per AVX2 vector, the same operations as fwd_range (so bit-identical).
+// Spikes leave with non-temporal stores where the row is 32-byte aligned: the (T, N) spike tensor
+// is written once and not read back here, and streaming skips the read-for-ownership of each
+// line (a plain store reads it from memory first): 1/3 less traffic on the output.
+template <bool kHard>
+__attribute__((target("avx2"))) void fwd_range_f32_avx2(
+    const float* __restrict__ x, float* __restrict__ spikes, const float* __restrict__ v_init,
+    float* __restrict__ v_out, int64_t T, int64_t N, int64_t begin, int64_t end, float thr,
+    float reset, float rest) {
+  alignas(64) float v[kFwdBlock];
+  const __m256 thr_v = _mm256_set1_ps(thr), one = _mm256_set1_ps(1.0f), reset_v = _mm256_set1_ps(reset);
+  for (int64_t j0 = begin; j0 < end; j0 += kFwdBlock) {
+    const int64_t n = std::min(kFwdBlock, end - j0);
+    const int64_t nv = n / 8 * 8;
+    for (int64_t j = 0; j < n; ++j) v[j] = v_init ? v_init[j0 + j] : rest;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* __restrict__ xt = x + t * N + j0;
+      float* __restrict__ st = spikes + t * N + j0;
+      const bool stream = (reinterpret_cast<uintptr_t>(st) & 31) == 0;
+      for (int64_t j = 0; j < nv; j += 8) {
+        __m256 h = _mm256_add_ps(_mm256_load_ps(v + j), _mm256_loadu_ps(xt + j));
+        const __m256 fire = _mm256_cmp_ps(h, thr_v, _CMP_GE_OQ);
+        __m256 s = _mm256_and_ps(fire, one);
+        s = _mm256_blendv_ps(s, h, _mm256_cmp_ps(h, h, _CMP_UNORD_Q));  // NaN potential: NaN spike
+        if (stream)
+          _mm256_stream_ps(st + j, s);
+        else
+          _mm256_storeu_ps(st + j, s);
+        h = kHard ? _mm256_blendv_ps(h, reset_v, fire) : _mm256_sub_ps(h, _mm256_and_ps(fire, thr_v));
+        _mm256_store_ps(v + j, h);
+      }
+      for (int64_t j = nv; j < n; ++j) {
+        const float h = v[j] + xt[j];
+        const bool fire = h >= thr;
+        st[j] = (h != h) ? h : (fire ? 1.0f : 0.0f);
+        v[j] = fire ? (kHard ? reset : h - thr) : h;
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) v_out[j0 + j] = v[j];
+  }
+  _mm_sfence();  // streamed stores are weakly ordered: make them visible before the task returns
+}
+#endif
+
+bool use_avx2_f32() {
+#if defined(__x86_64__)
+  static const bool ok = __builtin_cpu_supports("avx2") && std::getenv("KDENGINE_CPU_PORTABLE") == nullptr;
+  return ok;
+#else
+  return false;
+#endif
+}
+
+template <typename scalar_t, typename acc_t>
+void fwd_task(const scalar_t* x, scalar_t* s, const acc_t* v0, acc_t* vo, int64_t T, int64_t N,
+              int64_t b, int64_t e, acc_t thr, acc_t reset, acc_t rest, bool hard) {
+  if (hard)
+    fwd_range<scalar_t, acc_t, true>(x, s, v0, vo, T, N, b, e, thr, reset, rest);
+  else
+    fwd_range<scalar_t, acc_t, false>(x, s, v0, vo, T, N, b, e, thr, reset, rest);
+}
+
+#if defined(__x86_64__)
+template <>
+void fwd_task<float, float>(const float* x, float* s, const float* v0, float* vo, int64_t T,
+                            int64_t N, int64_t b, int64_t e, float thr, float reset, float rest,
+                            bool hard) {
+  if (!use_avx2_f32()) {
+    if (hard)
+      fwd_range<float, float, true>(x, s, v0, vo, T, N, b, e, thr, reset, rest);
+    else
+      fwd_range<float, float, false>(x, s, v0, vo, T, N, b, e, thr, reset, rest);
+  } else if (hard) {
+    fwd_range_f32_avx2<true>(x, s, v0, vo, T, N, b, e, thr, reset, rest);
+  } else {
+    fwd_range_f32_avx2<false>(x, s, v0, vo, T, N, b, e, thr, reset, rest);
+  }
+}
+#endif
+
 struct BwdParams {
   double thr, reset, rest, alpha;
 };
@@ -331,7 +424,8 @@ std::tuple<at::Tensor, at::Tensor> if_fwd_cpu(const at::Tensor& x,
                                               double v_reset) {
   check_inputs(x, v_init, "if_fwd");
   const int64_t T = x.size(0), N = x.size(1);
-  auto spikes = at::empty_like(x);
+  // x is contiguous (check_inputs): a pooled block of the same shape is the same layout
+  auto spikes = kdengine::pooled_empty(x.sizes(), x.options());
   advise_hugepages(spikes);
   auto v_out = at::empty({N}, x.options().dtype(acc_type_of(x.scalar_type())));
   const bool has_v = v_init.has_value() && v_init->defined();
@@ -345,10 +439,7 @@ std::tuple<at::Tensor, at::Tensor> if_fwd_cpu(const at::Tensor& x,
     const acc_t thr = static_cast<acc_t>(v_threshold), rs = static_cast<acc_t>(v_reset);
     const acc_t rst = static_cast<acc_t>(rest);
     kdengine::parallel_for(0, N, grain_for(T), [&](int64_t b, int64_t e) {
-      if (hard_reset)
-        fwd_range<scalar_t, acc_t, true>(xp, sp, vp, vo, T, N, b, e, thr, rs, rst);
-      else
-        fwd_range<scalar_t, acc_t, false>(xp, sp, vp, vo, T, N, b, e, thr, rs, rst);
+      fwd_task<scalar_t, acc_t>(xp, sp, vp, vo, T, N, b, e, thr, rs, rst, hard_reset);
     });
   });
   return {spikes, v_out};
@@ -384,7 +475,7 @@ std::tuple<at::Tensor, at::Tensor> if_bwd_cpu(const at::Tensor& x,
     TORCH_CHECK(grad_v->dim() == 1 && grad_v->size(0) == N && grad_v->scalar_type() == acc &&
                     grad_v->is_contiguous(),
                 "if_bwd: grad_v must be contiguous (N,) ", acc);
-  auto gx = at::empty_like(x);
+  auto gx = kdengine::pooled_empty(grad_spikes.sizes(), grad_spikes.options());
   advise_hugepages(gx);
   auto gv0 = at::empty({N}, x.options().dtype(acc));
   const bool has_v = v_init.has_value() && v_init->defined();
