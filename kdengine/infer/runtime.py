@@ -286,7 +286,9 @@ def _step_packed_conv(m: PackedBinaryConv2d, x: Tensor) -> _Built:
             y.mul_(sc)
         if bi is not None:
             y.add_(bi)
-        return y.view(b, oh, ow, o).permute(0, 3, 1, 2).to(x.dtype, memory_format=torch.contiguous_format)
+        # NCHW shape in channels_last memory, no copy: the pooling / BN that follow run faster on
+        # it, and the next binary conv's per-pixel channel packing reads it without a transpose.
+        return y.view(b, oh, ow, o).permute(0, 3, 1, 2).to(x.dtype)
 
     return _Built(fn, fn(x), True, "binary conv, xnor-popcount GEMM (weights repacked once)",
                   precomputed=wq.numel() * 4 + (0 if sub is None else sub.numel() * 4))
