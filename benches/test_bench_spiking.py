@@ -9,18 +9,21 @@ from kdengine.bench.spiking import (
     FULL,
     QUICK as QUICK_SHAPE,
     kdengine_if,
+    kdengine_if_fresh,
     spikingjelly_node,
     torch_if_loop,
     torch_if_loop_autograd,
 )
 
 T, N = QUICK_SHAPE if QUICK else FULL
-IMPLS = ["kdengine", "torch_loop", "spikingjelly"]
+IMPLS = ["kdengine", "kdengine_pool_off", "torch_loop", "spikingjelly"]
 
 
 def _impl(name: str, case: str):
     if name == "kdengine":
         return kdengine_if
+    if name == "kdengine_pool_off":  # fresh output memory every call, as the baselines get
+        return kdengine_if_fresh
     if name == "torch_loop":
         return torch_if_loop if case == "fwd" else torch_if_loop_autograd
     node = spikingjelly_node()
