@@ -222,8 +222,10 @@ def check_targets(rows: list[dict]) -> list[str]:
         if r["backend"] != "cpu" or r["op"] not in ("xnor_matmul", "binary_linear"):
             continue
         sp = r["speedup"]
-        lines.append(f"{r['op']} {r['shape']}: {sp:.1f}x vs {r['baseline']} (goal 10x) "
-                     f"{'met' if sp >= 10 else 'NOT met'}")
+        judged = r["op"] == "binary_linear" or r["shape"] == "1024x1024x4096"
+        verdict = ("met" if sp >= 10 else "NOT met") if judged else "not judged at this size"
+        goal = "goal 10x" if r["op"] == "binary_linear" else "goal 10x at 1024x1024x4096"
+        lines.append(f"{r['op']} {r['shape']}: {sp:.1f}x vs {r['baseline']} ({goal}) {verdict}")
         if "speedup_1t_cpu" in r:
             lines.append(f"{r['op']} {r['shape']}: {r['speedup_1t_cpu']:.1f}x single-thread CPU time "
                          f"({r['gmacs_1t_cpu']:.0f} vs {r['baseline_gmacs_1t_cpu']:.1f} G MAC/s per core)")
