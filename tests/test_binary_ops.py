@@ -376,3 +376,44 @@ def test_packed_signs_validation():
     assert PackedSigns(bits, 40).unpack()[1, 39] == -1
     full = torch.full((1, 1), -1, dtype=torch.int32)  # K = 32: no padding, all bits valid
     assert (PackedSigns(full, 32).unpack() == -1).all()
+
+
+@cpu_only
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cpu_conv_words_equal_python_im2col(layout, dtype, seed):
+    """csrc/cpu/conv_words.cpp (one pass) gives the same im2col words as the Python path (pack per
+    pixel, pad with +1 words, unfold) for random geometries, channel counts around word edges,
+    exact zeros and -0.0, and any memory layout."""
+    from kdengine.ops.binary import ConvGeometry, channel_words
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(12):
+        r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+        c = [1, 7, 8, 31, 32, 33, 70][r(0, 6)]
+        geo = ConvGeometry(r(1, 3), c, r(1, 9), r(1, 9), kernel=(r(1, 3), r(1, 3)),
+                           stride=(r(1, 2), r(1, 2)), padding=(r(0, 2), r(0, 2)),
+                           dilation=(r(1, 2), r(1, 2)))
+        if min(geo.out_hw) < 1:
+            continue
+        x = torch.randn(geo.batch, c, geo.height, geo.width, generator=g)
+        x[x.abs() < 0.1] = 0.0
+        x[x.abs() < 0.12] = -0.0
+        x = x.to(dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "strided":
+            x = torch.cat([x, x], dim=3)[..., ::2]
+        assert torch.equal(channel_words(x, geo, "cpu"), channel_words(x, geo, "reference"))
+
+
+@cpu_only
+def test_cpu_conv_words_nan_raises():
+    from kdengine.ops.binary import ConvGeometry, channel_words
+
+    for c in (3, 12):
+        x = torch.randn(1, c, 5, 5)
+        x[0, c - 1, 2, 2] = float("nan")
+        geo = ConvGeometry(1, c, 5, 5, kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+        with pytest.raises(ValueError, match="NaN"):
+            channel_words(x, geo, "cpu")

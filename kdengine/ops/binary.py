@@ -463,6 +463,9 @@ def channel_words(x: Tensor, geo: ConvGeometry, backend: str) -> Tensor:
     with words of +1 bits, as im2col rows: int32 ``(B*OH*OW, kh*kw*ceil(C/32))`` in (kh, kw, C)
     order; channel padding bits are 0. Raises on NaN."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel, geo.stride, geo.padding, geo.dilation
+    if backend == "cpu" and x.device.type == "cpu" and _native_has("binary_conv_words"):
+        # the same words in one C++ pass (csrc/cpu/conv_words.cpp)
+        return _cpu_ops().binary_conv_words(x, kh, kw, sh, sw, ph, pw, dh, dw)
     b, c, h, w = x.shape
     cw = _words(c)
     # the float sign packer of every backend raises on NaN itself: no separate isnan pass
@@ -562,6 +565,12 @@ def _cpu_ops():
     from kdengine import _native
 
     return _native.ops("cpu")
+
+
+def _native_has(name: str) -> bool:
+    from kdengine import _native
+
+    return _native.has_op("cpu", name)
 
 
 @_dispatch.register("binary_pack", "cpu", native_ops=("binary_pack_signs", "binary_pack_bool"))
