@@ -417,3 +417,26 @@ def test_cpu_conv_words_nan_raises():
         geo = ConvGeometry(1, c, 5, 5, kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1))
         with pytest.raises(ValueError, match="NaN"):
             channel_words(x, geo, "cpu")
+
+
+@cpu_only
+def test_conv_plan_cache_reuses_and_notices_weight_changes(seed):
+    """binary_conv2d keeps the repacked weights of recent (weights, geometry) pairs: the same
+    weights hit (any batch size), weights changed in place miss, and results stay exact."""
+    from kdengine.ops import binary as bops
+
+    w = pack_signs(_randn(6, 5 * 9))
+    x = _randn(2, 5, 7, 8)
+    out1 = bops.binary_conv2d(x, w, 3, padding=1, backend="cpu")
+    geo = bops.ConvGeometry(*x.shape, kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+    plan = bops.conv_plan(w.bits, geo, "cpu")
+    assert bops.conv_plan(w.bits, geo, "cpu") is plan
+    x3 = _randn(3, 5, 7, 8)  # another batch size: the same plan
+    assert bops.conv_plan(w.bits, bops.ConvGeometry(*x3.shape, kernel=(3, 3), stride=(1, 1),
+                                                    padding=(1, 1), dilation=(1, 1)), "cpu") is plan
+    ref_out = bops.binary_conv2d(x, w, 3, padding=1, backend="reference")
+    assert torch.equal(out1, ref_out)
+    w.bits.bitwise_xor_(1)  # flip bit 0 of every row in place: the plan must not be reused
+    assert bops.conv_plan(w.bits, geo, "cpu") is not plan
+    assert torch.equal(bops.binary_conv2d(x, w, 3, padding=1, backend="cpu"),
+                       bops.binary_conv2d(x, w, 3, padding=1, backend="reference"))

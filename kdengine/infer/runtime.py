@@ -218,7 +218,6 @@ def _step_packed_linear(m: PackedBinaryLinear, x: Tensor) -> _Built:
 
 def _step_packed_conv(m: PackedBinaryConv2d, x: Tensor) -> _Built:
     from kdengine.ops import binary as bops
-    from kdengine.reference import binary as ref
 
     if x.dim() != 4 or x.shape[1] != m.in_channels:
         raise ValueError(f"x must have shape (N, {m.in_channels}, H, W), got {tuple(x.shape)}")
@@ -244,54 +243,24 @@ def _step_packed_conv(m: PackedBinaryConv2d, x: Tensor) -> _Built:
     bits = m.weight_bits.contiguous()
     ct = _compute_dtype(x.dtype)
     sc, bi = _vec(m.scale, ct), _vec(m.bias, ct)
-    pieces = all(hasattr(bops, f) for f in ("channel_words", "weight_channel_words", "border_correction"))
-    if backend not in ("cpu", "triton", "cuda") or not pieces:
+    if backend not in ("cpu", "triton", "cuda"):
         impl = _dispatch.implementation("binary_conv2d", backend)
 
         def fn(x: Tensor) -> Tensor:
             return impl(x, bits, geo, sc, bi)
 
         return _Built(fn, fn(x), True, f"binary conv ({backend} kernel)")
-    # The steps of kdengine.ops.binary.conv_via_gemm with everything weight- and shape-dependent
-    # hoisted: repacked weight words, border correction + channel-padding shift.
-    gemm = _dispatch.implementation("xnor_matmul", backend)
+    # Weight repacking and border correction once (ConvPlan); the output is handed on as a
+    # channels_last view (no transpose copy): the pooling / BN that follow run faster on it, and
+    # the next binary conv packs each pixel's channels from contiguous memory.
     with torch.no_grad():
-        wq = bops.weight_channel_words(bits, geo, backend)
-        (kh, kw), c = geo.kernel, geo.channels
-        kp = wq.shape[1] * 32
-        shift = kp - c * kh * kw
-        corr = bops.border_correction(bits, geo)
-        if corr is not None:
-            sub: Optional[Tensor] = (corr + shift).unsqueeze(0)
-        else:
-            sub = torch.tensor(shift, dtype=torch.int32, device=x.device) if shift else None
-    b, o = geo.batch, bits.shape[0]
-    # Epilogue in (pixels, O) layout, in place: the integer counts, minus the correction, are exact
-    # in the compute dtype (|dot| < 2^24), then * scale and + bias round separately, exactly as
-    # ref.epilogue does; one permute-copy to NCHW at the end.
-    ct = _compute_dtype(x.dtype)
-    if sub is None:
-        sub_f = None
-    elif sub.dim() == 0:
-        sub_f = sub.to(ct)
-    else:
-        sub_f = sub[0].permute(1, 2, 0).reshape(oh * ow, o).to(ct)
+        plan = bops.ConvPlan(bits, geo, backend)
 
     def fn(x: Tensor) -> Tensor:
-        a = bops.channel_words(x, geo, backend)
-        y = gemm(a, wq, kp).to(ct).view(b, oh * ow, o)
-        if sub_f is not None:
-            y.sub_(sub_f)
-        if sc is not None:
-            y.mul_(sc)
-        if bi is not None:
-            y.add_(bi)
-        # NCHW shape in channels_last memory, no copy: the pooling / BN that follow run faster on
-        # it, and the next binary conv's per-pixel channel packing reads it without a transpose.
-        return y.view(b, oh, ow, o).permute(0, 3, 1, 2).to(x.dtype)
+        return plan.run(x, sc, bi, channels_last_out=True)
 
     return _Built(fn, fn(x), True, "binary conv, xnor-popcount GEMM (weights repacked once)",
-                  precomputed=wq.numel() * 4 + (0 if sub is None else sub.numel() * 4))
+                  precomputed=plan.nbytes)
 
 
 def _step_bn(m: nn.modules.batchnorm._BatchNorm, x: Tensor) -> _Built:

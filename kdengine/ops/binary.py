@@ -42,7 +42,8 @@ Backend contract (``impl`` registered for each backend):
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
 
 import torch
@@ -507,25 +508,96 @@ def border_correction(w_bits: Tensor, geo: ConvGeometry) -> Optional[Tensor]:
     return torch.round(wsum.sum((1, 2))[:, None, None] - inside).to(torch.int32)
 
 
+class ConvPlan:
+    """What a binary conv needs besides its input, computed once per (weights, geometry, backend):
+    the weights repacked to the (kh, kw, C) word order of :func:`channel_words`, the GEMM's
+    ``Kp = kh*kw*32*ceil(C/32)``, and the correction subtracted from the GEMM's counts -- the
+    padding border term (:func:`border_correction`) plus ``Kp - K`` (channel padding bits are 0 in
+    both operands, so XNOR counts them as agreements) -- laid out as ``(OH*OW, O)``.
+
+    :meth:`run` does the rest per input: channel words, XNOR GEMM on ``backend``, and the epilogue
+    in place in the GEMM's (pixels, O) layout. The integer counts and corrections are exact in the
+    compute dtype (|values| < 2^24), then ``* scale`` and ``+ bias`` round separately, exactly as
+    :func:`kdengine.reference.binary.epilogue`. The batch size may change between calls.
+    """
+
+    def __init__(self, w_bits: Tensor, geo: ConvGeometry, backend: str) -> None:
+        (kh, kw), c = geo.kernel, geo.channels
+        self.geo, self.backend = geo, backend
+        self.out_channels = int(w_bits.shape[0])
+        self.out_hw = geo.out_hw
+        oh, ow = self.out_hw
+        with torch.no_grad():
+            self.wq = weight_channel_words(w_bits, geo, backend)
+            self.kp = self.wq.shape[1] * 32
+            shift = self.kp - c * kh * kw
+            corr = border_correction(w_bits, geo)
+            if corr is not None:
+                sub: Optional[Tensor] = (corr + shift).permute(1, 2, 0).reshape(oh * ow, -1)
+            elif shift:
+                sub = torch.tensor(shift, dtype=torch.int32, device=w_bits.device)
+            else:
+                sub = None
+        self.sub = sub
+        self._sub_by_dtype: dict[torch.dtype, Tensor] = {}
+        self._gemm = _dispatch.implementation("xnor_matmul", backend)
+
+    @property
+    def nbytes(self) -> int:
+        return self.wq.numel() * 4 + (0 if self.sub is None else self.sub.numel() * 4)
+
+    def run(self, x: Tensor, scale: Optional[Tensor], bias: Optional[Tensor],
+            channels_last_out: bool = False) -> Tensor:
+        """``x`` ``(B, C, H, W)`` -> ``(B, O, OH, OW)`` in x's dtype: contiguous NCHW, or with
+        ``channels_last_out`` the same values in channels_last memory (no final transpose copy)."""
+        ct = ref.compute_dtype(x.dtype)
+        (oh, ow), o, b = self.out_hw, self.out_channels, x.shape[0]
+        a = channel_words(x, self.geo, self.backend)
+        y = self._gemm(a, self.wq, self.kp).to(ct).view(b, oh * ow, o)
+        if self.sub is not None:
+            sub = self._sub_by_dtype.get(ct)
+            if sub is None:
+                sub = self._sub_by_dtype[ct] = self.sub.to(ct)
+            y.sub_(sub)
+        if scale is not None:
+            y.mul_(scale.to(ct))
+        if bias is not None:
+            y.add_(bias.to(ct))
+        y = y.view(b, oh, ow, o).permute(0, 3, 1, 2)
+        if channels_last_out:
+            return y.to(x.dtype)
+        return y.to(x.dtype, memory_format=torch.contiguous_format)
+
+
+# (weights' data_ptr, version, shape, strides, device, geometry without batch, backend) ->
+# (weights, plan). The entry holds the weight tensor, so its memory cannot be freed and handed to
+# another tensor while the key exists; in-place changes bump the version, so they miss.
+_PLANS: "OrderedDict[tuple, tuple[Tensor, ConvPlan]]" = OrderedDict()
+_PLANS_MAX = 16
+
+
+def conv_plan(w_bits: Tensor, geo: ConvGeometry, backend: str) -> ConvPlan:
+    """The :class:`ConvPlan` of these weights, geometry and backend, from a small LRU cache
+    (inference tensors, which have no version counter, are not cached)."""
+    if w_bits.is_inference():
+        return ConvPlan(w_bits, geo, backend)
+    key = (w_bits.data_ptr(), w_bits._version, tuple(w_bits.shape), tuple(w_bits.stride()),
+           str(w_bits.device), replace(geo, batch=0), backend)
+    hit = _PLANS.get(key)
+    if hit is not None:
+        _PLANS.move_to_end(key)
+        return hit[1]
+    plan = ConvPlan(w_bits, geo, backend)
+    _PLANS[key] = (w_bits, plan)
+    while len(_PLANS) > _PLANS_MAX:
+        _PLANS.popitem(last=False)
+    return plan
+
+
 def conv_via_gemm(x: Tensor, w_bits: Tensor, geo: ConvGeometry, scale: Optional[Tensor],
                   bias: Optional[Tensor], backend: str) -> Tensor:
-    """Binary conv: channel-packed sign words, im2col of words, XNOR GEMM on ``backend``, border
-    correction. Channel padding bits are 0 in both operands: XNOR counts them as agreements, so
-    the GEMM runs with ``Kp = kh*kw*32*ceil(C/32)`` and ``Kp - K`` is subtracted."""
-    oh, ow = geo.out_hw
-    (kh, kw), c = geo.kernel, geo.channels
-    a = channel_words(x, geo, backend)
-    wq = weight_channel_words(w_bits, geo, backend)
-    kp = a.shape[1] * 32
-    dot = _dispatch.implementation("xnor_matmul", backend)(a, wq, kp)  # (B*OH*OW, O)
-    dot = dot.reshape(geo.batch, oh, ow, -1).permute(0, 3, 1, 2)
-    corr = border_correction(w_bits, geo)
-    shift = kp - c * kh * kw
-    if corr is not None:
-        dot = dot - (corr + shift).unsqueeze(0)
-    elif shift:
-        dot = dot - shift
-    return ref.epilogue(dot, scale, bias, x.dtype, channel_dim=1).contiguous()
+    """Binary conv on ``backend``'s pack and XNOR GEMM kernels (see :class:`ConvPlan`)."""
+    return conv_plan(w_bits, geo, backend).run(x, scale, bias)
 
 
 # --------------------------------------------------------------------------- backends
