@@ -87,3 +87,22 @@ def test_limit_zero_disables_and_clear_frees(pool_on):
     assert st.held_bytes == 0 and st.misses == misses and st.limit_bytes == 0
     with pytest.raises(ValueError, match="limit_bytes"):
         cpu_pool.set_limit(-1)
+
+
+def test_kd_loss_gradient_buffer_from_the_pool(pool_on):
+    """kd_loss writes the student gradient (N x V) in the forward; at >= 8 MB it comes from the
+    pool, and a step after the previous gradient was freed reuses it with correct values."""
+    import kdengine
+
+    g = torch.Generator().manual_seed(7)
+    t = torch.randn(300, 8000, generator=g)
+    ptrs = []
+    for step in range(2):
+        s = torch.randn(300, 8000, generator=g).requires_grad_(True)
+        kdengine.kd_loss(s, t, temperature=2.0, backend="cpu").backward()
+        sr = s.detach().clone().requires_grad_(True)
+        kdengine.kd_loss(sr, t, temperature=2.0, backend="reference").backward()
+        torch.testing.assert_close(s.grad, sr.grad, rtol=1e-5, atol=1e-7)
+        ptrs.append(s.grad.data_ptr())
+        del s, sr  # frees the gradient: back to the pool
+    assert ptrs[0] == ptrs[1] and cpu_pool.stats().hits >= 1

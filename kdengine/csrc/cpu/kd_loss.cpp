@@ -56,6 +56,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/output_pool.h"
 #include "cpu/parallel.h"
 #include "cpu/vec_math.h"
 
@@ -781,8 +782,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
           : reduction == MEAN    ? 1.0 / (cnt * static_cast<double>(V))
                                  : 1.0;
 
-  at::Tensor gs = at::empty_like(s);
-  at::Tensor gt = need_teacher_grad ? at::empty_like(t) : at::empty({0}, s.options());
+  // s and t are contiguous: a pooled block of their shape has their layout. The gradients are
+  // the largest outputs (N x V); from the reuse pool a training loop stops paying page faults on
+  // them every step (output_pool.h).
+  at::Tensor gs = kdengine::pooled_empty(s.sizes(), s.options());
+  at::Tensor gt = need_teacher_grad ? kdengine::pooled_empty(t.sizes(), t.options())
+                                    : at::empty({0}, s.options());
   advise_huge_pages(gs);
   if (need_teacher_grad) advise_huge_pages(gt);
   at::Tensor row_loss = at::empty({N}, s.options().dtype(at::kDouble));
