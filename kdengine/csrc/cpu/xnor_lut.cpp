@@ -27,8 +27,8 @@
 // L1/L2) -- pos is arranged so that the widening yields rows in order -- and c16 goes to C as
 // int32 (with base - 2 count fused) every 2044 words (16-bit counters hold <= 16383 nibbles).
 //
-// Memory traffic and blocking. Tasks = (LMB = 64 A rows) x (one panel) go to ATen's threads,
-// consecutive tasks sharing a panel. Per K block the panel's 14 KiB stay in L1 across the task's
+// Memory traffic and blocking. Tasks = (LMB = 64 A rows) x (one panel), pulled by ATen's threads
+// from a shared counter, consecutive tasks sharing a panel. Per K block the panel's 14 KiB stay in L1 across the task's
 // 64 A rows; each step loads 8 B vectors + 1 table (9 loads per 8 shuffles, L1). C is written
 // once per output (or once per 2044 words). Measured on this 2-core Zen 3, one thread:
 // 1024 x 1024 x 4096 incl. repacking ~510 G binary MAC/s (xnor.cpp's panel kernel: ~410).
@@ -38,6 +38,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -218,9 +219,14 @@ void lut_gemm_avx2(const u32* A, int64_t M, const u32* B, int64_t N, int64_t W, 
     for (int64_t p = p0; p < p1; ++p) pack_panel(B, N, W, p, pb + p * pstride);
   });
   const uint8_t* tab = &kLut.t[use_and ? 1 : 0][0][0];
-  kdengine::parallel_for(0, nmb * np, 1, [&](int64_t t0, int64_t t1) {
+  // Tasks are pulled from a shared counter rather than split in fixed halves: when one core runs
+  // slower (a shared or virtualised machine), the other takes more tasks instead of waiting.
+  const int64_t ntasks = nmb * np;
+  std::atomic<int64_t> next{0};
+  kdengine::parallel_for(0, std::min<int64_t>(ntasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     alignas(32) uint16_t c16[LMB][LP];
-    for (int64_t t = t0; t < t1; ++t) {  // t -> (panel t / nmb, A block t % nmb)
+    for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) {
+      // t -> (panel t / nmb, A block t % nmb): consecutive tasks share a panel
       const int64_t m0 = (t % nmb) * LMB, m1 = std::min(M, m0 + LMB), p = t / nmb;
       const int64_t n0 = p * LP, nr = std::min(LP, N - n0);
       const uint8_t* pan = pb + p * pstride;
