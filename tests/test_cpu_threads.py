@@ -41,9 +41,9 @@ def _threads(n: int):
         torch.set_num_threads(old)
 
 
-def _probe(n: int, grain: int) -> torch.Tensor:
+def _probe(n: int, grain: int, dynamic: bool = False) -> torch.Tensor:
     _native.load("cpu")
-    return torch.ops.kdengine_cpu.parallel_probe(n, grain)
+    return torch.ops.kdengine_cpu.parallel_probe(n, grain, dynamic)
 
 
 @pytest.mark.parametrize("n,grain", [(2, 1), (10, 1), (1001, 64), (97, 13)])
@@ -65,6 +65,19 @@ def test_parallel_for_small_work_stays_on_one_thread(n, grain):
         owner = _probe(n, grain)
     assert owner.numel() == n
     assert (owner == 0).all()
+
+
+@pytest.mark.parametrize("n,chunk", [(1, 1), (10, 3), (1001, 64), (97, 200)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_parallel_for_dynamic_covers_each_index_once_in_whole_chunks(n, chunk, threads):
+    """Chunks pulled from a shared counter: every index visited exactly once (the hook raises on a
+    second visit), and each chunk [c*chunk, (c+1)*chunk) run by a single thread."""
+    with _threads(threads):
+        owner = _probe(n, chunk, True)
+    assert (owner >= 0).all()
+    assert owner.max() < threads
+    for c0 in range(0, n, chunk):
+        assert owner[c0:c0 + chunk].unique().numel() == 1
 
 
 def test_parallel_for_one_thread():

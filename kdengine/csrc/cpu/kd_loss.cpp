@@ -801,7 +801,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
     const scalar_t* tp = t.data_ptr<scalar_t>();
     scalar_t* gsp = gs.data_ptr<scalar_t>();
     scalar_t* gtp = need_teacher_grad ? gt.data_ptr<scalar_t>() : nullptr;
-    kdengine::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+    kdengine::parallel_for_dynamic(0, N, grain, [&](int64_t b, int64_t e) {
       run_rows<scalar_t>(sp, tp, lp, gsp, gtp, rl, b, e, ignore_index, A, fnf);
     });
   });

@@ -20,6 +20,7 @@
 #include <ATen/TensorIterator.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 namespace kdengine {
@@ -58,6 +59,27 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
       },
       /*grain_size=*/1);
 #endif
+}
+
+// [begin, end) in chunks of `chunk` indices that the workers pull from a shared counter: where
+// the cores do not run at the same speed (a virtualised or shared machine), a faster one takes
+// more chunks instead of waiting for the slower one's fixed half. f(b, e) gets one chunk per
+// call; chunks are contiguous, disjoint and cover the range; which worker runs which chunk varies,
+// so f must not depend on it (results never do in our kernels: each index is written by one f).
+template <class F>
+void parallel_for_dynamic(int64_t begin, int64_t end, int64_t chunk, const F& f) {
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  chunk = std::max<int64_t>(1, chunk);
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1)) {
+      const int64_t b = begin + c * chunk;
+      f(b, std::min(end, b + chunk));
+    }
+  };
+  parallel_for(0, std::min<int64_t>(nchunks, at::get_num_threads()), 1, worker);
 }
 
 }  // namespace kdengine

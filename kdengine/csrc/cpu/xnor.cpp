@@ -467,7 +467,7 @@ void drive(int64_t M, int64_t N, int64_t kunits, int64_t kblock, const Tile& til
   const int64_t nmb = (M + MB - 1) / MB;
   const int64_t nnb = (N + NB - 1) / NB;
   // Task t = (B block t / nmb, A block t % nmb): consecutive tasks of one thread share a B block.
-  kdengine::parallel_for(0, nmb * nnb, 1, [&](int64_t t0, int64_t t1) {
+  kdengine::parallel_for_dynamic(0, nmb * nnb, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = (t % nmb) * MB, m1 = std::min(M, m0 + MB);
       const int64_t n0 = (t / nmb) * NB, n1 = std::min(N, n0 + NB);
@@ -518,7 +518,7 @@ bool gemm_counts(const u32* A, int64_t M, const u32* B, int64_t N, int64_t W, in
       });
       const int64_t apstride = nv * PMR * 16, bpstride = nv * PNR * 16;
       const int64_t nmb = (M + MB - 1) / MB, nnb = (N + NB - 1) / NB;
-      kdengine::parallel_for(0, nmb * nnb, 1, [&](int64_t t0, int64_t t1) {
+      kdengine::parallel_for_dynamic(0, nmb * nnb, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {  // consecutive tasks share a B block (L2)
           const int64_t m0 = (t % nmb) * MB, m1 = std::min(M, m0 + MB);
           const int64_t n0 = (t / nmb) * NB, n1 = std::min(N, n0 + NB);

@@ -221,11 +221,9 @@ void lut_gemm_avx2(const u32* A, int64_t M, const u32* B, int64_t N, int64_t W, 
   const uint8_t* tab = &kLut.t[use_and ? 1 : 0][0][0];
   // Tasks are pulled from a shared counter rather than split in fixed halves: when one core runs
   // slower (a shared or virtualised machine), the other takes more tasks instead of waiting.
-  const int64_t ntasks = nmb * np;
-  std::atomic<int64_t> next{0};
-  kdengine::parallel_for(0, std::min<int64_t>(ntasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  kdengine::parallel_for_dynamic(0, nmb * np, 1, [&](int64_t t0, int64_t t1) {
     alignas(32) uint16_t c16[LMB][LP];
-    for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) {
+    for (int64_t t = t0; t < t1; ++t) {
       // t -> (panel t / nmb, A block t % nmb): consecutive tasks share a panel
       const int64_t m0 = (t % nmb) * LMB, m1 = std::min(M, m0 + LMB), p = t / nmb;
       const int64_t n0 = p * LP, nr = std::min(LP, N - n0);
