@@ -90,7 +90,7 @@ def vgg_bn_sign(width: int = 16, hidden: int = 128) -> nn.Sequential:
     )
 
 
-def _train(
+def train_classifier(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
@@ -101,6 +101,9 @@ def _train(
     binary: bool,
     log: Any,
 ) -> dict:
+    """Adam + cosine decay to 0 per step, batch ``BATCH``, cross-entropy, seeded data order; with
+    ``binary`` the latent weights are clipped after every step. Returns wall/CPU seconds and the
+    last epoch's mean training loss. (Also used by :mod:`kdengine.experiments.snn_mnist`.)"""
     gen = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * math.ceil(len(x) / BATCH)
@@ -201,7 +204,7 @@ def run(
                 model = binarize_model(vgg_relu(width), mode="weights")
             else:
                 model = binarize_model(vgg_bn_sign(width), mode="both")
-            stats = _train(model, x_tr, y_tr, epochs=epochs, lr=lrs[variant], seed=seed,
+            stats = train_classifier(model, x_tr, y_tr, epochs=epochs, lr=lrs[variant], seed=seed,
                            binary=variant != "float", log=log)
             t0 = time.perf_counter()
             logits = _logits(model, x_te)

@@ -41,17 +41,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdengine.data import load_mnist
-from kdengine.nn import binarize_model, clip_latent_weights_
+from kdengine.experiments.binary_mnist import BATCH, train_classifier
+from kdengine.nn import binarize_model
 from kdengine.snn import (
     calibrate,
     convert,
@@ -64,7 +63,6 @@ from kdengine.snn import (
 __all__ = ["run", "main", "snn_cnn"]
 
 TABLE_T = (8, 16, 32, 64, 128)
-BATCH = 128
 
 
 def snn_cnn(width: int = 8, hidden: int = 64, dropout: float = 0.2) -> nn.Sequential:
@@ -77,36 +75,6 @@ def snn_cnn(width: int = 8, hidden: int = 64, dropout: float = 0.2) -> nn.Sequen
         nn.Linear(c2 * 49, hidden, bias=False), nn.ReLU(), nn.Dropout(dropout),
         nn.Linear(hidden, 10, bias=False),
     )
-
-
-def _train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float, seed: int,
-           binary: bool, log) -> dict:
-    gen = torch.Generator().manual_seed(seed + 1)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = max(1, epochs * math.ceil(len(x) / BATCH))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train()
-    t0, c0 = time.perf_counter(), time.process_time()
-    last = float("nan")
-    for ep in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        tot = 0.0
-        for i in range(0, len(x), BATCH):
-            idx = perm[i:i + BATCH]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if binary:
-                clip_latent_weights_(model)
-            tot += loss.item() * len(idx)
-        last = tot / len(x)
-        log(f"  epoch {ep + 1}/{epochs}: loss {last:.4f} ({time.perf_counter() - t0:.1f} s)")
-    model.eval()
-    return {"train_seconds": round(time.perf_counter() - t0, 2),
-            "train_cpu_seconds": round(time.process_time() - c0, 2),
-            "final_train_loss": round(last, 4)}
 
 
 @torch.no_grad()
@@ -197,11 +165,13 @@ def run(
         torch.manual_seed(seed)
         fmodel = snn_cnn(width, hidden)
         log("[float ANN]")
-        ftrain = _train(fmodel, x_fit, y_fit, epochs=epochs, lr=lr, seed=seed, binary=False, log=log)
+        ftrain = train_classifier(fmodel, x_fit, y_fit, epochs=epochs, lr=lr, seed=seed, binary=False, log=log)
+        fmodel.eval()
         log("[binary-weight ANN, fine-tuned from the float weights]")
         bmodel = binarize_model(fmodel, mode="weights")
-        btrain = _train(bmodel, x_fit, y_fit, epochs=finetune_epochs, lr=lr, seed=seed + 7,
-                        binary=True, log=log)
+        btrain = train_classifier(bmodel, x_fit, y_fit, epochs=finetune_epochs, lr=lr, seed=seed + 7,
+                                  binary=True, log=log)
+        bmodel.eval()
         # warm-up: the first call of the native ops loads (or builds) their library; keep that
         # out of the timed SNN runs
         t0 = time.perf_counter()
