@@ -72,6 +72,20 @@ def _spike_bits(x: object, dims: int, what: str, check: bool) -> Tensor:
     return x != 0
 
 
+
+def _register_epilogue(m: nn.Module, scale: Optional[Tensor], bias: Optional[Tensor], n: int,
+                       backend: Optional[str], check_spikes: bool) -> None:
+    """The per-output-channel scale and optional bias buffers and the run options shared by the
+    spiking binary layers."""
+    m.register_buffer("scale", _check_vec("scale", scale, n))
+    b = _check_vec("bias", bias, n)
+    if b is not None:
+        m.register_buffer("bias", b)
+    else:
+        m.bias = None
+    m.backend = backend
+    m.check_spikes = bool(check_spikes)
+
 class SpikingBinaryLinear(nn.Module):
     """Linear layer of binary weights driven by spikes: ``y = (s @ sign(W)^T) * scale + bias``.
 
@@ -92,14 +106,7 @@ class SpikingBinaryLinear(nn.Module):
             raise ValueError(f"sign_weight must be (N, K), got {tuple(w.shape)}")
         self.out_features, self.in_features = int(w.shape[0]), int(w.shape[1])
         self.register_buffer("weight_bits", pack_signs(w.detach().to(torch.float32)).bits)
-        self.register_buffer("scale", _check_vec("scale", scale, self.out_features))
-        b = _check_vec("bias", bias, self.out_features)
-        if b is not None:
-            self.register_buffer("bias", b)
-        else:
-            self.bias = None
-        self.backend = backend
-        self.check_spikes = bool(check_spikes)
+        _register_epilogue(self, scale, bias, self.out_features, backend, check_spikes)
 
     @property
     def packed_weight(self) -> PackedSigns:
@@ -166,14 +173,7 @@ class SpikingBinaryConv2d(nn.Module):
         wt = w.detach().to(torch.float32).permute(0, 2, 3, 1).reshape(o * kh * kw, c)
         words = pack_signs(wt).bits.reshape(o, kh * kw * _words(c))
         self.register_buffer("weight_words", words.contiguous())
-        self.register_buffer("scale", _check_vec("scale", scale, o))
-        b = _check_vec("bias", bias, o)
-        if b is not None:
-            self.register_buffer("bias", b)
-        else:
-            self.bias = None
-        self.backend = backend
-        self.check_spikes = bool(check_spikes)
+        _register_epilogue(self, scale, bias, o, backend, check_spikes)
 
     def sign_weight(self) -> Tensor:
         """The +-1 weights ``(O, C, kh, kw)`` float32 (unpacked)."""
