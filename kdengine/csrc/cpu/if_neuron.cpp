@@ -48,9 +48,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -62,7 +59,6 @@ constexpr int64_t kSurAtan = 0;
 constexpr int64_t kSurSigmoid = 1;
 constexpr int64_t kFwdBlock = 2048;         // neurons per block in the forward (8 KB of fp32 state)
 constexpr int64_t kBwdBufBytes = 192 << 10;  // recompute buffer per task, kept within L2
-constexpr size_t kHugeBytes = size_t{8} << 20;
 
 // 16-byte vectors of the state type (GCC/Clang vector extensions: SSE2 on any x86-64, NEON on
 // arm64). Written out because GCC's auto-vectorizer keeps the scalar, branchy version of these
@@ -175,22 +171,6 @@ inline T surrogate_grad(T u, acc_t alpha, acc_t k_atan, acc_t half_alpha) {
     const T d = e + acc_t(1);
     return alpha * e / (d * d);
   }
-}
-
-// First touch of a fresh output is a page fault per 4 KB page, which on some virtual machines
-// costs more than the kernel itself (measured here: 64 MB allocate + fill 150 ms vs fill 27 ms).
-// Transparent huge pages cut the faults by 512x; with THP in "madvise" mode the range must ask.
-void advise_hugepages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const size_t n = t.nbytes();
-  if (n < kHugeBytes) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t huge = uintptr_t{2} << 20;
-  const uintptr_t a = (p + huge - 1) & ~(huge - 1), e = (p + n) & ~(huge - 1);
-  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);  // advice: may fail
-#else
-  (void)t;
-#endif
 }
 
 template <typename scalar_t, typename acc_t, bool kHard>
@@ -426,7 +406,6 @@ std::tuple<at::Tensor, at::Tensor> if_fwd_cpu(const at::Tensor& x,
   const int64_t T = x.size(0), N = x.size(1);
   // x is contiguous (check_inputs): a pooled block of the same shape is the same layout
   auto spikes = kdengine::pooled_empty(x.sizes(), x.options());
-  advise_hugepages(spikes);
   auto v_out = at::empty({N}, x.options().dtype(acc_type_of(x.scalar_type())));
   const bool has_v = v_init.has_value() && v_init->defined();
   const double rest = hard_reset ? v_reset : 0.0;
@@ -476,7 +455,6 @@ std::tuple<at::Tensor, at::Tensor> if_bwd_cpu(const at::Tensor& x,
                     grad_v->is_contiguous(),
                 "if_bwd: grad_v must be contiguous (N,) ", acc);
   auto gx = kdengine::pooled_empty(grad_spikes.sizes(), grad_spikes.options());
-  advise_hugepages(gx);
   auto gv0 = at::empty({N}, x.options().dtype(acc));
   const bool has_v = v_init.has_value() && v_init->defined();
   const BwdParams p{v_threshold, v_reset, hard_reset ? v_reset : 0.0, alpha};

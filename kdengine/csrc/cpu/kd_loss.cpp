@@ -60,9 +60,6 @@
 #include "cpu/parallel.h"
 #include "cpu/vec_math.h"
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace {
 
@@ -607,25 +604,6 @@ RowFnF pick_row_f32() {
   return &row_f32_portable;
 }
 
-// A fresh output of 100+ MB is mmap'ed by malloc and first-touched by the kernel: with 4 KB pages
-// that is one page fault per 4 KB, which on this kind of machine costs more CPU time than the
-// loss itself (measured: 0.09 s vs 0.024 s to fault in 131 MB). Asking for transparent huge
-// pages (Linux, THP in "madvise" mode) makes it one fault per 2 MB. Advice only: harmless if the
-// kernel declines, and the memory is freed as usual.
-void advise_huge_pages(const at::Tensor& x) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const size_t bytes = x.numel() * x.element_size();
-  if (bytes < (size_t(8) << 20)) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(x.data_ptr());
-  const uintptr_t page = 4096;
-  const uintptr_t a = (p + page - 1) & ~(page - 1);
-  const uintptr_t e = (p + bytes) & ~(page - 1);
-  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
-#else
-  (void)x;
-#endif
-}
-
 template <class IN>
 struct MathOf {
   using type = float;
@@ -788,8 +766,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
   at::Tensor gs = kdengine::pooled_empty(s.sizes(), s.options());
   at::Tensor gt = need_teacher_grad ? kdengine::pooled_empty(t.sizes(), t.options())
                                     : at::empty({0}, s.options());
-  advise_huge_pages(gs);
-  if (need_teacher_grad) advise_huge_pages(gt);
   at::Tensor row_loss = at::empty({N}, s.options().dtype(at::kDouble));
   double* rl = row_loss.data_ptr<double>();
   // Enough rows per task that a task is worth a thread (~64K elements).

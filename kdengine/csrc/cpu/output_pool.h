@@ -45,6 +45,21 @@ inline OutputPool& output_pool() {
 constexpr size_t kPoolMinBytes = size_t{8} << 20;
 constexpr size_t kPoolAlign = size_t{2} << 20;
 
+// First touch of fresh memory is a page fault per 4 KB page, which on some virtual machines costs
+// more than the kernels themselves (measured here: 64 MB allocate + fill 150 ms vs fill 27 ms on a
+// loaded VM). Transparent huge pages make it one fault per 2 MB; with THP in "madvise" mode the
+// range must ask. Advice only: harmless if the kernel declines.
+inline void advise_huge_pages(void* ptr, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t p = reinterpret_cast<uintptr_t>(ptr);
+  const uintptr_t a = (p + kPoolAlign - 1) & ~(kPoolAlign - 1), e = (p + bytes) & ~(kPoolAlign - 1);
+  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#else
+  (void)ptr;
+  (void)bytes;
+#endif
+}
+
 // caller holds the mutex
 inline int64_t pool_limit_locked(OutputPool& p) {
   if (p.limit < 0) {
@@ -75,7 +90,8 @@ inline void pool_release(void* block, size_t bytes) {
   }
 }
 
-// at::empty(sizes, opts) for CPU tensors, from the pool when large enough and the pool is on.
+// at::empty(sizes, opts) for CPU tensors, from the pool when large enough and the pool is on;
+// large fresh memory (pooled or not) gets the huge-page advice.
 inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   int64_t numel = 1;
   for (int64_t s : sizes) numel *= s;
@@ -85,7 +101,12 @@ inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& o
   size_t bytes = (nbytes + kPoolAlign - 1) / kPoolAlign * kPoolAlign;
   {
     std::lock_guard<std::mutex> lock(p.mu);
-    if (nbytes < kPoolMinBytes || pool_limit_locked(p) == 0) return at::empty(sizes, opts);
+    if (nbytes < kPoolMinBytes) return at::empty(sizes, opts);
+    if (pool_limit_locked(p) == 0) {  // pool off: a fresh tensor, still with the THP advice
+      at::Tensor t = at::empty(sizes, opts);
+      advise_huge_pages(t.data_ptr(), nbytes);
+      return t;
+    }
     auto it = p.free_blocks.find(bytes);
     if (it != p.free_blocks.end()) {
       block = it->second;
@@ -99,9 +120,7 @@ inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& o
   if (block == nullptr) {
     block = std::aligned_alloc(kPoolAlign, bytes);
     if (block == nullptr) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(block, bytes, MADV_HUGEPAGE);  // advice: may be declined
-#endif
+    advise_huge_pages(block, bytes);
   }
   return at::from_blob(block, sizes, [bytes](void* q) { pool_release(q, bytes); },
                        opts.device(at::kCPU));
