@@ -3,20 +3,29 @@
 ``csrc/cpu/*.cpp`` become one shared library that registers its ops under ``torch.ops.kdengine_cpu``;
 ``csrc/cuda/*.cu`` and ``*.cpp`` become ``torch.ops.kdengine_cuda``. Each source file registers its
 own ops with ``TORCH_LIBRARY_FRAGMENT``, so adding a kernel is adding a file. The first use compiles
-(about a minute on 2 cores); later uses load the cached library (``KDENGINE_CACHE`` or
-``~/.cache/kdengine``). ``kdengine build`` compiles ahead of time.
+(about a minute on 2 cores, announced on stderr); later uses load the cached library
+(``KDENGINE_CACHE`` or ``~/.cache/kdengine``). ``kdengine build`` compiles ahead of time.
+
+A build folder is complete once it holds the library and a ``BUILT`` record, written last: such a
+folder is loaded as it is, without a lock or any other write, so a read-only cache works. Building
+is guarded by :class:`kdengine._build_lock.BuildLock`, which recognises the lock of a killed build
+and takes it over with a message instead of waiting forever, as torch's bare lock file would.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
+import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
 
+from kdengine._build_lock import BuildLock, BuildLockTimeout
 from kdengine._dispatch import Availability
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -26,6 +35,8 @@ _LOADED: set[str] = set()
 
 CPU_CFLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"]
 CUDA_CFLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+CUDA_HOST_CFLAGS = ["-O3", "-std=c++17"]
+BUILT_MARKER = "BUILT"
 
 
 class NativeBuildError(RuntimeError):
@@ -49,39 +60,92 @@ def sources(kind: str) -> list[Path]:
     raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
 
 
-def _digest(files: list[Path]) -> str:
+def _flags(kind: str) -> dict:
+    if kind == "cpu":
+        return {"extra_cflags": CPU_CFLAGS}
+    return {"extra_cflags": CUDA_HOST_CFLAGS, "extra_cuda_cflags": CUDA_CFLAGS}
+
+
+def _digest(files: list[Path], flags: object = None) -> str:
+    """Names a build by everything that goes into it: sources, headers and compiler flags (a
+    complete build folder is loaded without asking ninja, so a flag change must change the name)."""
     h = hashlib.sha1()
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     for hdr in sorted((CSRC).rglob("*.h")) + sorted(CSRC.rglob("*.cuh")):
         h.update(hdr.read_bytes())
+    if flags is not None:
+        h.update(json.dumps(flags, sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 
-def _build(kind: str, verbose: bool = False) -> None:
-    from torch.utils import cpp_extension
-
+def build_paths(kind: str) -> tuple[str, Path, Path]:
+    """``(name, build folder, library file)`` of the ``kind`` extension for these sources."""
     files = sources(kind)
     if not files:
         raise NativeBuildError(f"no {kind} sources under {CSRC / kind}")
-    name = f"kdengine_{kind}_{_digest(files)}"
+    name = f"kdengine_{kind}_{_digest(files, _flags(kind))}"
     build_dir = cache_dir() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(
-        name=name,
-        sources=[str(f) for f in files],
-        extra_include_paths=[str(CSRC)],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=verbose,
-    )
-    if kind == "cpu":
-        kwargs["extra_cflags"] = CPU_CFLAGS
-    else:
-        kwargs["extra_cflags"] = ["-O3", "-std=c++17"]
-        kwargs["extra_cuda_cflags"] = CUDA_CFLAGS
-    cpp_extension.load(**kwargs)
+    return name, build_dir, build_dir / f"{name}.so"
+
+
+def _complete(build_dir: Path, library: Path) -> bool:
+    return library.is_file() and (build_dir / BUILT_MARKER).is_file()
+
+
+def _writable(folder: Path) -> bool:
+    # access() reports a read-only file system (EROFS) even to root.
+    return os.access(folder, os.W_OK)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _build(kind: str, verbose: bool = False) -> None:
+    name, build_dir, library = build_paths(kind)
+    if _complete(build_dir, library) or (library.is_file() and not _writable(build_dir)):
+        # Complete, or read-only where nothing could be rebuilt anyway: load it as it is.
+        torch.ops.load_library(str(library))
+        return
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NativeBuildError(
+            f"cannot create the build folder {build_dir} ({exc}); set KDENGINE_CACHE to a "
+            f"writable folder"
+        ) from exc
+    if not _writable(build_dir):
+        raise NativeBuildError(
+            f"the build folder {build_dir} is read-only and holds no built library "
+            f"({library.name}); set KDENGINE_CACHE to a writable folder"
+        )
+    from torch.utils import cpp_extension
+
+    try:
+        with BuildLock(build_dir):
+            if _complete(build_dir, library):  # built by the process we waited for
+                torch.ops.load_library(str(library))
+                return
+            what = "C++" if kind == "cpu" else "CUDA"
+            _say(f"kdengine: compiling the {what} kernels into {build_dir} (once, about a "
+                 f"minute{'' if kind == 'cpu' else ' or more'})")
+            start = time.monotonic()
+            cpp_extension.load(
+                name=name,
+                sources=[str(f) for f in sources(kind)],
+                extra_include_paths=[str(CSRC)],
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=verbose,
+                **_flags(kind),
+            )
+            (build_dir / BUILT_MARKER).write_text(json.dumps(
+                {"name": name, "torch": torch.__version__, "built": time.time()}))
+            _say(f"kdengine: {what} kernels compiled in {time.monotonic() - start:.0f} s")
+    except BuildLockTimeout as exc:
+        raise NativeBuildError(str(exc)) from exc
 
 
 def _prerequisite(kind: str) -> str | None:
