@@ -6,8 +6,10 @@ Public API (stable names; see DESIGN in the README):
 * :func:`logits_matching_loss`, :func:`equal_mean_init_` — the T -> inf story
 * :mod:`kdengine.ops` — the ops, one entry point each
 * :func:`backends` — which backend can run each op here, and why not
+* :class:`BackendFallbackWarning` — warned once when ``backend="auto"`` cannot use the fastest
+  backend for the device (a missing compiler, say) and runs a slower one
 """
-from kdengine._dispatch import backends
+from kdengine._dispatch import BackendFallbackWarning, backends
 from kdengine.losses import KDLoss, equal_mean_init_, logits_matching_loss
 from kdengine.ops import kd_loss
 from kdengine import ops
@@ -20,6 +22,7 @@ __all__ = [
     "logits_matching_loss",
     "equal_mean_init_",
     "backends",
+    "BackendFallbackWarning",
     "ops",
     "__version__",
 ]

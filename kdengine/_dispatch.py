@@ -3,12 +3,17 @@
 Every op registers one implementation per backend with :func:`register`. A call resolves its
 backend in this order: the explicit ``backend=`` argument, then the ``KDENGINE_BACKEND``
 environment variable, then ``"auto"`` (the fastest available backend for the tensors' device,
-in the order of :data:`AUTO_ORDER`). A backend that cannot run says why, never silently.
+in the order of :data:`AUTO_ORDER`). A backend that cannot run says why, never silently: an
+explicit choice raises, and ``"auto"`` passing over the fastest backend for the device warns once
+per op and device with a :class:`BackendFallbackWarning` that names the reason.
 """
 from __future__ import annotations
 
 import functools
 import os
+import sys
+import threading
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,6 +28,11 @@ AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
     "cuda": ("triton", "cuda", "reference"),
 }
+
+
+class BackendFallbackWarning(UserWarning):
+    """``backend="auto"`` could not use the fastest backend for the device and runs a slower one
+    (for example the pure-torch reference when the C++ kernels cannot be built)."""
 
 
 @dataclass(frozen=True)
@@ -164,9 +174,16 @@ def _resolve_uncached(op: str, device: torch.device, backend: str | None) -> str
             requested = "auto"
     impls = _REGISTRY.get(op, {})
     if requested == "auto":
+        passed_over: list[tuple[str, str]] = []
         for name in AUTO_ORDER.get(device.type, ("reference",)):
-            if name in impls and op_availability(op, name, device.type).available:
+            if name not in impls:
+                continue
+            avail = op_availability(op, name, device.type)
+            if avail.available:
+                _warn_fallback(op, device.type, passed_over, name)
                 return name
+            passed_over.append((name, avail.reason))
+        _warn_fallback(op, device.type, passed_over, "reference")
         return "reference"
     if requested not in BACKENDS:
         raise ValueError(
@@ -181,6 +198,40 @@ def _resolve_uncached(op: str, device: torch.device, backend: str | None) -> str
             f"tensors: {avail.reason}"
         )
     return requested
+
+
+_WARNED: set[tuple[str, str, str]] = set()
+_WARNED_LOCK = threading.Lock()
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _warn_fallback(op: str, device_type: str, passed_over: list[tuple[str, str]], chosen: str) -> None:
+    """Warn once per (op, device, chosen backend) that ``auto`` passed over faster backends."""
+    if not passed_over or chosen == passed_over[0][0]:
+        return
+    key = (op, device_type, chosen)
+    with _WARNED_LOCK:
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+    fastest, why = passed_over[0]
+    warnings.warn(
+        f"kdengine: {op} on {device_type} tensors runs on the {chosen!r} backend, not the faster "
+        f"{fastest!r} one: {why}. Run `kdengine doctor` for details; pass backend={chosen!r} (or "
+        f"set {ENV_VAR}={chosen}) to choose it explicitly and silence this warning.",
+        BackendFallbackWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside the kdengine package (the user's call)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def backends() -> dict[str, dict[str, dict[str, object]]]:
