@@ -203,3 +203,22 @@ def test_zero_grad_between_retained_backward_passes(backend):
     loss.backward()  # accumulates: 2x
     torch.testing.assert_close(a.grad, 2 * g1)
     torch.testing.assert_close(t.grad, 2 * gt1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_temperature_shared_mask(backend):
+    """Entries masked (-inf) in both inputs drop out at large T as they do at T = 1."""
+    s = torch.randn(3, 40).mul_(3)
+    t = torch.randn(3, 40).mul_(3)
+    s[:, 5:9] = -math.inf
+    t[:, 5:9] = -math.inf
+    keep = torch.ones(40, dtype=torch.bool)
+    keep[5:9] = False
+    for T in [LARGE_T, 1e3, 1e8]:
+        a = s.clone().requires_grad_(True)
+        loss = kdengine.kd_loss(a, t, T, backend=backend)
+        loss.backward()
+        ref, gref = _mp_loss(s[:, keep].double(), t[:, keep].double(), T, "forward_kl")
+        assert abs(loss.item() - ref) <= 1e-5 * abs(ref), (T, loss.item(), ref)
+        assert torch.all(a.grad[:, ~keep] == 0)
+        assert _rel(a.grad[:, keep], gref) <= 1e-5, T

@@ -53,7 +53,10 @@ LARGE_T = 8.0
 def _all_finite(student: Tensor, teacher: Tensor) -> bool:
     if torch.compiler.is_compiling():
         return True
-    return bool(torch.isfinite(student).all()) and bool(torch.isfinite(teacher).all())
+    # Finite, or masked (-inf) in both inputs at the same entries (a shared vocabulary mask).
+    ok = (torch.isfinite(student) & torch.isfinite(teacher)) | (
+        torch.isneginf(student) & torch.isneginf(teacher))
+    return bool(ok.all())
 
 
 def _divergence_large_t(student: Tensor, teacher: Tensor, cfg: KDConfig) -> Tensor:
@@ -68,7 +71,8 @@ def _divergence_large_t(student: Tensor, teacher: Tensor, cfg: KDConfig) -> Tens
     t = cfg.temperature
     logq = torch.log_softmax(student / t, dim=-1)
     q = logq.exp()
-    d = (teacher - student) / t
+    masked = torch.isneginf(student) & torch.isneginf(teacher)  # q = p = 0 there: no terms
+    d = torch.where(masked, torch.zeros_like(student), teacher - student) / t
     dbar = (q * d).sum(-1, keepdim=True)
     delta = d - dbar
     rho = delta - torch.log1p((q * torch.expm1(delta)).sum(-1, keepdim=True))  # log p - log q
