@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from kdengine import _dispatch
+from kdengine.reference.kd_loss import LARGE_T
 from kdengine.ops.kd_config import (
     DIVERGENCE_NAMES,
     REDUCTION_NAMES,
@@ -85,6 +86,11 @@ def make_config(
         raise ValueError(f"temperature must be > 0 (or float('inf')), got {t}")
     if not isinstance(scale_t2, bool):
         raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
+    if math.isfinite(t) and (1.0 / t == math.inf or (scale_t2 and t * t == math.inf)):
+        raise ValueError(
+            f"temperature={t} is out of range: 1/T or T^2 overflows float64 (use a normal "
+            "number, or float('inf') for the exact T -> inf limit)"
+        )
     if math.isinf(t) and not scale_t2:
         raise ValueError(
             "temperature=inf needs scale_t2=True: without the T^2 factor the divergence is 0 in "
@@ -206,8 +212,18 @@ def _setup_context(ctx, inputs, output) -> None:
     # fill two N x V zero tensors for them in every backward.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(gs, gt)
+    ctx.backend = inputs[3]
     ctx.reduction = inputs[11]
     ctx.need_teacher_grad = inputs[12]
+
+
+def _fresh_alias(saved: Tensor) -> Tensor:
+    """A plain tensor over ``saved``'s memory: not a view, with its own version counter, so the
+    user may edit it in place like any gradient. Only for a buffer nobody else will read again."""
+    with torch.no_grad():
+        out = saved.new_empty((0,))
+        out.set_(saved.untyped_storage(), saved.storage_offset(), saved.size(), saved.stride())
+    return out
 
 
 def _scale(saved: Tensor, g: Tensor, reduction: int) -> Tensor:
@@ -219,11 +235,24 @@ def _scale(saved: Tensor, g: Tensor, reduction: int) -> Tensor:
     # no N x V traffic at all. On a GPU the check is one host sync, far cheaper than the
     # read + write of the multiply. Compiled graphs cannot branch on data, so they multiply.
     if not torch.compiler.is_compiling() and float(g) == 1.0:
-        return saved
+        # The buffer is handed out only when the graph is freed after this pass (nobody reads
+        # the saved copy again, so the user owns it); a retained graph gets a copy, or an
+        # in-place edit of the gradient (a.grad.zero_()) would change the next pass's result.
+        if torch._C._autograd._get_current_graph_task_keep_graph():
+            return saved.clone()
+        return _fresh_alias(saved)
     return saved * g.to(saved.dtype if saved.dtype == torch.float64 else torch.float32)
 
 
 def _backward(ctx, g_loss, _g_gs, _g_gt):
+    if torch.is_grad_enabled():
+        # create_graph=True: the saved gradient is a constant here, so the gradient's own graph
+        # would miss its dependence on the logits (a silently wrong Hessian).
+        raise RuntimeError(
+            f"kd_loss: the {ctx.backend} backend does not support double backward "
+            "(create_graph=True, Hessian-vector products, gradient penalties); use "
+            "backend='reference' (torch.func transforms use it automatically)"
+        )
     gs, gt = ctx.saved_tensors
     if g_loss is None:  # grads are not materialized: no gradient flowed into the loss
         return (None,) * 13
@@ -238,6 +267,16 @@ _kd_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- entry point
+
+
+def _under_functorch(*xs: Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+    return any(is_wrapped(x) for x in xs)
 
 
 def kd_loss(
@@ -311,6 +350,14 @@ def kd_loss(
     lab2 = lab.reshape(-1).contiguous() if lab is not None else None
 
     name = _dispatch.resolve(OP, s.device, backend)
+    if math.isfinite(cfg.temperature) and cfg.temperature > LARGE_T:
+        # Large T: the divergence is ~1/T^2 of terms of size ~1; the fused kernels' float
+        # formulation cancels there, the reference's small-log-ratio form does not.
+        name = "reference"
+    if _under_functorch(s2, t2):
+        # torch.func transforms (grad, vmap, jacrev, ...) cannot see through the fused op's
+        # saved-gradient backward: they differentiate the reference formulation instead.
+        name = "reference"
     if s2.shape[0] == 0 or name == "reference":
         from kdengine.reference.kd_loss import kd_loss_reference
 

@@ -45,6 +45,52 @@ def _kl_terms(logp: Tensor, logq: Tensor) -> Tensor:
     return (p * (lp - lq)).sum(-1)
 
 
+# Above this temperature the divergence is computed from the small log-ratios directly (below);
+# kd_loss routes every backend there (the kernels keep their fused path up to it).
+LARGE_T = 8.0
+
+
+def _all_finite(student: Tensor, teacher: Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    # Finite, or masked (-inf) in both inputs at the same entries (a shared vocabulary mask).
+    ok = (torch.isfinite(student) & torch.isfinite(teacher)) | (
+        torch.isneginf(student) & torch.isneginf(teacher))
+    return bool(ok.all())
+
+
+def _divergence_large_t(student: Tensor, teacher: Tensor, cfg: KDConfig) -> Tensor:
+    """D for finite logits at large T without O(1) terms that cancel.
+
+    The plain form sums p_i (log p_i - log q_i) with each log of size ~log V while D ~ 1/T^2:
+    even float64 cancels to garbage by T ~ 1e6. Here rho_i = log p_i - log q_i is formed from the
+    small differences d = (t - s)/T: with dbar = E_q[d], delta = d - dbar,
+    rho = delta - log1p(E_q[expm1(delta)]) (exact), so every term is O(1/T) and the sums
+    (whose result is O(1/T^2)) lose only a factor ~T of float64 precision.
+    """
+    t = cfg.temperature
+    logq = torch.log_softmax(student / t, dim=-1)
+    q = logq.exp()
+    masked = torch.isneginf(student) & torch.isneginf(teacher)  # q = p = 0 there: no terms
+    d = torch.where(masked, torch.zeros_like(student), teacher - student) / t
+    dbar = (q * d).sum(-1, keepdim=True)
+    delta = d - dbar
+    rho = delta - torch.log1p((q * torch.expm1(delta)).sum(-1, keepdim=True))  # log p - log q
+    p = q * rho.exp()
+    if cfg.divergence == Divergence.FORWARD_KL:
+        return (p * rho).sum(-1)
+    if cfg.divergence == Divergence.REVERSE_KL:
+        return -(q * rho).sum(-1)
+    beta = cfg.beta
+    pos = rho >= 0
+    z = torch.where(pos, -rho, rho)  # -|rho|
+    k = torch.where(pos, torch.full_like(rho, 1.0 - beta), torch.full_like(rho, beta))
+    lm = -torch.log1p(k * torch.expm1(z))
+    lpm = torch.where(pos, lm, lm + rho)  # log p - log m
+    lqm = torch.where(pos, lm - rho, lm)  # log q - log m
+    return beta * (p * lpm).sum(-1) + (1.0 - beta) * (q * lqm).sum(-1)
+
+
 def kd_divergence(student: Tensor, teacher: Tensor, cfg: KDConfig) -> Tensor:
     """Per-row KD term KD_r (already T^2-scaled when cfg.scale_t2), shape (N,)."""
     t = cfg.temperature
@@ -57,6 +103,9 @@ def kd_divergence(student: Tensor, teacher: Tensor, cfg: KDConfig) -> Tensor:
         dc = torch.where(keep, d - mean.unsqueeze(-1), torch.zeros_like(d))
         k = 1.0 if cfg.divergence != Divergence.JSD else cfg.beta * (1.0 - cfg.beta)
         return k * (dc * dc).sum(-1) / (2.0 * n_keep)
+    if t > LARGE_T and _all_finite(student, teacher):
+        d = _divergence_large_t(student, teacher, cfg)
+        return d * (t * t) if cfg.scale_t2 else d
     logq = torch.log_softmax(student / t, dim=-1)
     logp = torch.log_softmax(teacher / t, dim=-1)
     if cfg.divergence == Divergence.FORWARD_KL:
