@@ -4,8 +4,9 @@
 // is element 32*w + j, bit 1 = -1 (signs) or 1 = spike; padding bits beyond K are 0.
 //   xnor  (mode 0): out[m,n] = sum_k sign(a) sign(b) = K - 2 * popcount(a XOR b)
 //   spike (mode 1): out[m,n] = sum_k s * sign(w)     = popcount(s) - 2 * popcount(s AND w)
-// Zero padding bits never count: 0 XOR 0 = 0 and 0 AND x = 0. Counts are exact integers (int32:
-// K < 2^31).
+// Zero padding bits never count: 0 XOR 0 = 0 and 0 AND x = 0; an operand whose padding bits were
+// set after packing is first copied with them cleared (clear_padding). Counts are exact integers
+// (int32: K < 2^31, checked).
 //
 // Layout. Inputs are row-major (rows, W), W = ceil(K/32) int32 words per row (PackedSigns.bits).
 //
@@ -702,8 +703,29 @@ void check_bits(const at::Tensor& t, const char* name, int64_t k) {
                     t.scalar_type());
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
+  TORCH_CHECK_VALUE(k < (int64_t(1) << 31), "k=", k,
+                    " is too large: the counts are int32, so K must be < 2^31 = 2147483648");
   TORCH_CHECK_VALUE(t.size(1) == (k + 31) / 32, name, " has ", t.size(1),
                     " words per row but k = ", k, " needs ", (k + 31) / 32);
+}
+
+// Padding bits (bits k % 32 .. 31 of the last word of a row) never count. PackedSigns checks them
+// at construction, but its bits tensor can be edited in place afterwards: t itself when no row has
+// one set (one word read per row), else a copy with them cleared, so the kernels below (which
+// assume zero padding) give the same result as with clean padding.
+at::Tensor clear_padding(const at::Tensor& t, int64_t k) {
+  const int rem = static_cast<int>(k % 32);
+  const int64_t R = t.size(0), W = t.size(1);
+  if (rem == 0 || R == 0) return t;
+  const u32 pad = ~((u32{1} << rem) - 1);
+  const u32* p = reinterpret_cast<const u32*>(t.data_ptr<int32_t>()) + (W - 1);
+  bool dirty = false;
+  for (int64_t r = 0; r < R; ++r) dirty |= (p[r * W] & pad) != 0;
+  if (!dirty) return t;
+  at::Tensor c = t.clone();
+  u32* q = reinterpret_cast<u32*>(c.data_ptr<int32_t>()) + (W - 1);
+  for (int64_t r = 0; r < R; ++r) q[r * W] &= ~pad;
+  return c;
 }
 
 at::Tensor counts_impl(const at::Tensor& a, const at::Tensor& b, Isa isa, bool use_and) {
@@ -725,10 +747,11 @@ at::Tensor binary_pack_signs(const at::Tensor& x, int64_t isa) {
 at::Tensor binary_pack_bool(const at::Tensor& s, int64_t isa) { return pack_bool_impl(s, pick_isa(isa)); }
 
 // mode 0: K - 2 popcount(a ^ b); mode 1: popcount(a) - 2 popcount(a & b).
-at::Tensor binary_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, int64_t mode,
+at::Tensor binary_gemm(const at::Tensor& a_in, const at::Tensor& b_in, int64_t k, int64_t mode,
                        int64_t isa_arg) {
-  check_bits(a, "a", k);
-  check_bits(b, "b", k);
+  check_bits(a_in, "a", k);
+  check_bits(b_in, "b", k);
+  const at::Tensor a = clear_padding(a_in, k), b = clear_padding(b_in, k);
   TORCH_CHECK_VALUE(mode == 0 || mode == 1, "mode must be 0 (xnor) or 1 (spike AND), got ", mode);
   const Isa isa = pick_isa(isa_arg);
   const int64_t M = a.size(0), N = b.size(0), W = a.size(1);
@@ -776,11 +799,12 @@ void linear_epilogue(const int32_t* c, int64_t M, int64_t N, int64_t k, const ac
   });
 }
 
-at::Tensor binary_linear(const at::Tensor& x, const at::Tensor& w, int64_t k,
+at::Tensor binary_linear(const at::Tensor& x, const at::Tensor& w_in, int64_t k,
                          const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
                          int64_t isa_arg) {
   check_2d(x, "x");
-  check_bits(w, "weight", k);
+  check_bits(w_in, "weight", k);
+  const at::Tensor w = clear_padding(w_in, k);
   TORCH_CHECK_VALUE(x.size(1) == k, "x has K = ", x.size(1), " features but weight has k = ", k);
   const Isa isa = pick_isa(isa_arg);
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
