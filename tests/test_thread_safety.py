@@ -60,20 +60,20 @@ def _hammer(cases, calls_per_thread, fn, expected):
 
 @pytest.mark.parametrize("backend", backend_params("binary_conv2d"))
 def test_binary_conv2d_threads(backend, seed):
-    """40 weight/geometry combinations (> the 16 plans cached), 6 threads."""
+    """40 weight/geometry combinations (> the 16 plans cached), 6 threads x 1500 calls."""
     _threaded(backend)
     cases = []
-    for i in range(40):
-        c, o, k = random.choice([3, 8, 33]), random.choice([4, 7]), random.choice([1, 2, 3])
+    for i in range(40):  # tiny convs: many calls per second, so the cache churns
+        c, o, k = random.choice([1, 3, 33]), random.choice([2, 5]), random.choice([1, 2, 3])
         w = pack_signs(torch.randn(o, c * k * k))
-        x = torch.randn(random.choice([1, 2]), c, 6, 5)
+        x = torch.randn(1, c, 4, 3)
         cases.append((x, w, k, torch.rand(o) + 0.5, torch.randn(o), i % 3, 1 + i % 2))
     run = lambda cs: binary_conv2d(cs[0], cs[1], cs[2], cs[3], cs[4], padding=cs[5],  # noqa: E731
                                    stride=cs[6], backend=backend)
     bops._PLANS.clear()
     expected = [run(cs) for cs in cases]
     bops._PLANS.clear()
-    _hammer(cases, 200, run, expected)
+    _hammer(cases, 1500, run, expected)
 
 
 @pytest.mark.parametrize("backend", backend_params("binary_linear"))
@@ -134,3 +134,73 @@ def test_packed_runtime_several_models_threads(seed):
     run = lambda cs: cs[0].predict(cs[1])  # noqa: E731
     expected = [run(cs) for cs in cases]
     _hammer(cases, 60, run, expected)
+
+
+def test_cpu_output_pool_under_threads(seed):
+    """The C++ output pool (outputs >= 8 MB of the IF kernels) from 6 threads while another thread
+    clears it and changes its limit: every result is right and the statistics stay consistent."""
+    avail = _dispatch.op_availability("if_multistep", "cpu", "cpu")
+    if not avail.available:
+        pytest.skip(avail.reason)
+    from kdengine import cpu_pool
+
+    cases = [(torch.randn(8, 2**18 + 1024 * i) * 0.8 + 0.3) for i in range(3)]  # 8+ MB spikes
+    run = lambda x: if_multistep(x, 0.9, backend="cpu")  # noqa: E731
+    expected = [run(x) for x in cases]
+    stop = threading.Event()
+    old = cpu_pool.set_limit(64 << 20)
+
+    def churn() -> None:
+        rnd = random.Random(5)
+        while not stop.is_set():
+            if rnd.random() < 0.5:
+                cpu_pool.clear()
+            else:
+                cpu_pool.set_limit(rnd.choice([0, 16 << 20, 64 << 20]))
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        _hammer(cases, 8, run, expected)
+    finally:
+        stop.set()
+        t.join()
+        cpu_pool.set_limit(old)
+    st = cpu_pool.stats()
+    assert 0 <= st.held_bytes <= st.limit_bytes and st.blocks >= 0
+
+
+def test_xnor_path_knobs_changed_concurrently(seed):
+    """The C++ GEMM's path thresholds (test/bench knobs) flipped by another thread while 6 threads
+    multiply: each call reads them once, so it never allocates for one path (uninitialized output)
+    and then runs another."""
+    avail = _dispatch.op_availability("xnor_matmul", "cpu", "cpu")
+    if not avail.available:
+        pytest.skip(avail.reason)
+    from kdengine import _native
+
+    ops = _native.ops("cpu")
+    cases = [(pack_signs(torch.randn(m, 200)), pack_signs(torch.randn(n, 200)))
+             for m in (16, 24, 40) for n in (8, 200)]
+    run = lambda cs: xnor_matmul(cs[0], cs[1], backend="cpu")  # noqa: E731
+    expected = [run(cs) for cs in cases]
+    stop = threading.Event()
+    old_split = ops.binary_set_split_b_rows(16)
+    old_lut = ops.binary_set_lut_min(16, 192)
+
+    def flip() -> None:
+        i = 0
+        while not stop.is_set():
+            ops.binary_set_split_b_rows(16 if i % 2 else 10**9)
+            ops.binary_set_lut_min(*((16, 192) if i % 3 else (10**9, 10**9)))
+            i += 1
+
+    t = threading.Thread(target=flip)
+    t.start()
+    try:
+        _hammer(cases, 400, run, expected)
+    finally:
+        stop.set()
+        t.join()
+        ops.binary_set_split_b_rows(old_split)
+        ops.binary_set_lut_min(*old_lut)

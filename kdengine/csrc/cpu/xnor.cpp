@@ -71,7 +71,17 @@ constexpr int NR = 4;         // B rows per scalar micro-tile
 constexpr int64_t MB = 64;    // A rows per task (multiple of MR)
 constexpr int64_t NB = 128;   // B rows per task (multiple of NR)
 constexpr int64_t KCW = 256;  // words per K block (scalar and GEMV paths; a multiple of 8)
-int64_t kSplitBMinRows = 16;  // M from which the AVX2 path splits B too (binary_set_split_b_rows)
+std::atomic<int64_t> kSplitBMinRows{16};  // M from which the AVX2 path splits B too (binary_set_split_b_rows)
+
+// The path thresholds (test/bench knobs), loaded once per call so that a concurrent change cannot
+// make binary_gemm allocate for one path (uninitialized output) and gemm_counts take another.
+struct PathKnobs {
+  int64_t lut_rows, lut_cols, split_rows;
+};
+PathKnobs path_knobs() {
+  return {kLutMinRows.load(std::memory_order_relaxed), kLutMinCols.load(std::memory_order_relaxed),
+          kSplitBMinRows.load(std::memory_order_relaxed)};
+}
 
 enum Isa : int64_t { kPortable = 0, kPopcnt = 1, kAvx2 = 2 };
 
@@ -487,9 +497,10 @@ void drive(int64_t M, int64_t N, int64_t kunits, int64_t kblock, const Tile& til
 // `base` (per row: K, or popcount(A[m])) the AVX2 GEMM path writes base[m] - 2 count directly
 // (C need not be zeroed) and returns true; otherwise C holds counts and it returns false.
 bool gemm_counts(const u32* A, int64_t M, const u32* B, int64_t N, int64_t W, int32_t* C,
-                 bool use_and, Isa isa, const int32_t* base = nullptr) {
+                 bool use_and, Isa isa, const int32_t* base = nullptr,
+                 const PathKnobs& knobs = path_knobs()) {
   const int mode = use_and ? 1 : 0;
-  if (isa == kAvx2 && M >= kLutMinRows && N >= kLutMinCols) {  // table-lookup GEMM (xnor_lut.cpp)
+  if (isa == kAvx2 && M >= knobs.lut_rows && N >= knobs.lut_cols) {  // table-lookup GEMM (xnor_lut.cpp)
     lut_gemm_avx2(A, M, B, N, W, C, use_and, base);
     return base != nullptr;
   }
@@ -503,7 +514,7 @@ bool gemm_counts(const u32* A, int64_t M, const u32* B, int64_t N, int64_t W, in
       });
       return t;
     };
-    if (M >= kSplitBMinRows) {
+    if (M >= knobs.split_rows) {
       const int64_t npa = (M + PMR - 1) / PMR, npb = (N + PNR - 1) / PNR;
       at::Tensor ap = at::empty({npa, nv * PMR * 16}, at::TensorOptions().dtype(at::kInt));
       at::Tensor bp = at::empty({npb, nv * PNR * 16}, at::TensorOptions().dtype(at::kInt));
@@ -768,13 +779,14 @@ at::Tensor binary_gemm(const at::Tensor& a_in, const at::Tensor& b_in, int64_t k
     });
   }
   // the AVX2 GEMM path writes every output itself; the others accumulate into zeros
-  const bool writes_all = isa == kAvx2 && M >= kSplitBMinRows;
+  const PathKnobs knobs = path_knobs();
+  const bool writes_all = isa == kAvx2 && M >= knobs.split_rows;
   at::Tensor c = writes_all ? at::empty({M, N}, a.options().dtype(at::kInt))
                             : at::zeros({M, N}, a.options().dtype(at::kInt));
   if (M == 0 || N == 0) return c;
   int32_t* cp = c.data_ptr<int32_t>();
   if (gemm_counts(ap, M, reinterpret_cast<const u32*>(b.data_ptr<int32_t>()), N, W, cp, mode == 1,
-                  isa, base.data()))
+                  isa, base.data(), knobs))
     return c;
   kdengine::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
@@ -862,17 +874,12 @@ double binary_cpu_ghz(int64_t iters) {
 
 // Sets the smallest M and N for the table-lookup GEMM (returns the old pair; tests/bench).
 std::vector<int64_t> binary_set_lut_min(int64_t rows, int64_t cols) {
-  std::vector<int64_t> old{kLutMinRows, kLutMinCols};
-  kLutMinRows = rows;
-  kLutMinCols = cols;
-  return old;
+  return {kLutMinRows.exchange(rows), kLutMinCols.exchange(cols)};
 }
 
 // Sets the M threshold from which the AVX2 path also splits B (returns the old one; tests/bench).
 int64_t binary_set_split_b_rows(int64_t rows) {
-  const int64_t old = kSplitBMinRows;
-  kSplitBMinRows = rows;
-  return old;
+  return kSplitBMinRows.exchange(rows);
 }
 
 }  // namespace
