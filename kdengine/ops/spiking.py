@@ -323,6 +323,10 @@ def _real(name: str, value: object) -> float:
     return float(value)
 
 
+_F32_MAX = torch.finfo(torch.float32).max
+_F32_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -381,14 +385,17 @@ def _check_v_init(v_init: object, x: Tensor) -> Tensor:
     return v_init
 
 
+_functorch_level = torch._C._functorch.maybe_current_level  # None outside torch.func transforms
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def _functorch_input(x: Tensor, v_init: Optional[Tensor]) -> bool:
     """True inside a ``torch.func`` transform (grad, vjp, jacrev, vmap, ...): its wrapped tensors
     cannot go through the kernels' torch.library autograd, so such calls take the reference step
-    loop (same spikes, same surrogate gradients, any order)."""
-    if torch.compiler.is_compiling():
+    loop (same spikes, same surrogate gradients, any order). ~0.05 us outside transforms."""
+    if _functorch_level() is None or torch.compiler.is_compiling():
         return False
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return wrapped(x) or (v_init is not None and wrapped(v_init))
+    return _functorch_wrapped(x) or (v_init is not None and _functorch_wrapped(v_init))
 
 
 def if_multistep(
@@ -449,7 +456,9 @@ def if_multistep(
     thr = _real("v_threshold", v_threshold)
     if not (math.isfinite(thr) and thr > 0):
         raise ValueError(f"v_threshold must be finite and > 0, got {thr}")
-    thr_s = _in_state_dtype("v_threshold", thr, sd, x.dtype)
+    # in float32 state: a normal float32 magnitude is neither inf nor 0 there (fast path)
+    f32_ok = sd is torch.float32 and _F32_TINY <= thr <= _F32_MAX
+    thr_s = thr if f32_ok else _in_state_dtype("v_threshold", thr, sd, x.dtype)
     if thr_s == 0.0:
         raise ValueError(
             f"v_threshold={thr} rounds to 0 in {_dtype_name(sd)}, the membrane-potential dtype "
@@ -467,7 +476,10 @@ def if_multistep(
                 f"v_reset must be below v_threshold (a reset at or above threshold fires forever), "
                 f"got v_reset={reset} >= v_threshold={thr}"
             )
-        if _in_state_dtype("v_reset", reset, sd, x.dtype) >= thr_s:
+        if (sd is torch.float32 and (not f32_ok or abs(reset) > _F32_MAX
+                                     or thr - reset <= thr * 2.0**-22)
+                and _in_state_dtype("v_reset", reset, sd, x.dtype)
+                >= _in_state_dtype("v_threshold", thr, sd, x.dtype)):
             raise ValueError(
                 f"v_reset must be below v_threshold in {_dtype_name(sd)} (the membrane-potential "
                 f"dtype for {_dtype_name(x.dtype)} x), but v_reset={reset} and v_threshold={thr} "
