@@ -5,7 +5,9 @@ It validates the inputs, flattens the neurons to ``(T, N)``, picks a backend
 ``kdengine::if_multistep_fwd`` and ``kdengine::if_multistep_bwd`` (the latter is the former's
 backward: one reverse loop over T), each with a fake (meta) implementation, so a model calling
 ``if_multistep`` traces under ``torch.compile``. The reference backend is the autograd step loop
-of :mod:`kdengine.reference.spiking` (the spec).
+of :mod:`kdengine.reference.spiking` (the spec). ``if_multistep_bwd`` has an autograd formula of
+its own (double backward: the reference loop's second derivatives for backends that keep x, a
+RuntimeError for those that keep only h; see :func:`if_multistep`).
 
 Backend contract (the object registered under ``op="if_multistep"`` for each backend)::
 
