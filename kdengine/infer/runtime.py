@@ -423,6 +423,9 @@ class InferenceModel:
     # -- running
 
     def _plan_for(self, x: Tensor) -> tuple[_Plan, Optional[Tensor]]:
+        # The caller holds self._lock (predict, plan_summary; reset clears under it too): the LRU's
+        # get / move_to_end / popitem never race, and a plan's preallocated buffers are used by
+        # one call at a time. Plans are per model; the binary ops' own shared caches have locks.
         key = (tuple(x.shape), x.dtype, x.device)
         plan = self._plans.get(key)
         if plan is not None:

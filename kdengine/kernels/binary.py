@@ -1,7 +1,7 @@
 """Triton backend of the binary ops: bit packing, XNOR / AND popcount GEMM, fused binary linear.
 
 Math. Rows are K sign bits in int32 words (bit j of word w = element 32w + j; 1 = -1 for signs,
-1 = spike for spikes; padding bits 0). xnor: out = K - 2 popcount(a ^ b); spike:
+1 = spike for spikes; padding bits 0, and masked off anyway). xnor: out = K - 2 popcount(a ^ b); spike:
 out = popcount(s) - 2 popcount(s & w). Triton has no popcount that the interpreter runs, so it is
 SWAR bit arithmetic on uint32 (pairs, nibbles, bytes, then two shift-adds: 12 integer ops/word).
 
@@ -64,7 +64,7 @@ def _pack_kernel(x_ptr, out_ptr, K, W, SPIKES: tl.constexpr, UPCAST: tl.constexp
 
 
 @triton.jit
-def _gemm_kernel(a_ptr, b_ptr, out_ptr, M, N, W, K, SPIKE: tl.constexpr, BLOCK_M: tl.constexpr,
+def _gemm_kernel(a_ptr, b_ptr, out_ptr, M, N, W, K, LAST, SPIKE: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -75,10 +75,11 @@ def _gemm_kernel(a_ptr, b_ptr, out_ptr, M, N, W, K, SPIKE: tl.constexpr, BLOCK_M
     for w0 in range(0, W, BLOCK_W):
         rw = w0 + tl.arange(0, BLOCK_W)
         mw = rw < W
-        a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * W + rw[None, :],
-                    mask=mm[:, None] & mw[None, :], other=0).to(tl.uint32, bitcast=True)
-        b = tl.load(b_ptr + rn.to(tl.int64)[:, None] * W + rw[None, :],
-                    mask=mn[:, None] & mw[None, :], other=0).to(tl.uint32, bitcast=True)
+        keep = tl.where(rw == W - 1, LAST, -1)[None, :]  # padding bits of the last word never count
+        a = (tl.load(a_ptr + rm.to(tl.int64)[:, None] * W + rw[None, :],
+                     mask=mm[:, None] & mw[None, :], other=0) & keep).to(tl.uint32, bitcast=True)
+        b = (tl.load(b_ptr + rn.to(tl.int64)[:, None] * W + rw[None, :],
+                     mask=mn[:, None] & mw[None, :], other=0) & keep).to(tl.uint32, bitcast=True)
         if SPIKE:
             x = a[:, None, :] & b[None, :, :]
             pa += tl.sum(_popc(a), axis=1)
@@ -93,7 +94,7 @@ def _gemm_kernel(a_ptr, b_ptr, out_ptr, M, N, W, K, SPIKE: tl.constexpr, BLOCK_M
 
 
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, W,
+def _linear_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, W, LAST,
                    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
                    F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_W: tl.constexpr):
@@ -112,8 +113,9 @@ def _linear_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, W,
         bits = tl.reshape((xv < 0).to(tl.uint32), (BLOCK_M, BLOCK_W, 32))
         a = tl.sum(bits << j[None, None, :], axis=2)  # (BLOCK_M, BLOCK_W) packed words
         rw = w0 + tl.arange(0, BLOCK_W)
-        b = tl.load(w_ptr + rn.to(tl.int64)[:, None] * W + rw[None, :],
-                    mask=mn[:, None] & (rw < W)[None, :], other=0).to(tl.uint32, bitcast=True)
+        keep = tl.where(rw == W - 1, LAST, -1)[None, :]  # padding bits of the last word never count
+        b = (tl.load(w_ptr + rn.to(tl.int64)[:, None] * W + rw[None, :],
+                     mask=mn[:, None] & (rw < W)[None, :], other=0) & keep).to(tl.uint32, bitcast=True)
         acc += tl.sum(_popc(a[:, None, :] ^ b[None, :, :]), axis=2)
     dot = K - 2 * acc
     if F64:
@@ -126,6 +128,14 @@ def _linear_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, W,
         y = y + tl.load(bias_ptr + rn, mask=mn, other=0.0)[None, :]
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :],
              y.to(out_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+def _last_mask(k: int) -> int:
+    """The valid bits of a row's last word as an int32 value (-1: all 32). Kernels AND the last
+    word with it, so padding bits set after packing (PackedSigns.bits edited in place) never
+    count."""
+    rem = k % 32
+    return (1 << rem) - 1 if rem else -1
 
 
 def _p2(n: int, cap: int) -> int:
@@ -159,7 +169,7 @@ def gemm_triton(a: Tensor, b: Tensor, k: int, spike: bool) -> Tensor:
     out = torch.empty((m, n), dtype=torch.int32, device=a.device)
     bm, bn, bw = _tiles(m, n, w)
     _gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        a, b, out, m, n, w, k, SPIKE=spike, BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw
+        a, b, out, m, n, w, k, _last_mask(k), SPIKE=spike, BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw
     )
     return out
 
@@ -174,7 +184,7 @@ def linear_triton(x: Tensor, wbits: Tensor, k: int, scale: Optional[Tensor],
     dummy = out  # never read when the flag is off
     _linear_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         x, wbits, scale if scale is not None else dummy, bias if bias is not None else dummy, out,
-        m, n, k, w, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+        m, n, k, w, _last_mask(k), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
         UPCAST=x.dtype in (torch.float16, torch.bfloat16), F64=x.dtype == torch.float64,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw,
     )

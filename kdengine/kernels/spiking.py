@@ -130,7 +130,10 @@ def _params(sd: torch.dtype, device: torch.device, v_threshold: float, v_reset: 
 
 @functools.lru_cache(maxsize=64)
 def _params_cached(sd: torch.dtype, device: str, vals: tuple) -> Tensor:
-    """One small device tensor per parameter set: no host-to-device copy per call."""
+    """One small device tensor per parameter set: no host-to-device copy per call.
+
+    Thread-safe: functools.lru_cache keeps its bookkeeping consistent under concurrent calls (two
+    threads may both build a missing entry; one is kept), and the tensor is only ever read."""
     return torch.tensor(vals, dtype=sd, device=device)
 
 

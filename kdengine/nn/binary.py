@@ -58,15 +58,26 @@ __all__ = [
 
 class SignSTE(torch.autograd.Function):
     """``sign(x)`` (``x >= 0`` is +1, ``x < 0`` is -1, NaN stays NaN) with the clipped
-    straight-through gradient ``grad_in = grad_out * 1[|x| <= 1]`` (BinaryNet)."""
+    straight-through gradient ``grad_in = grad_out * 1[|x| <= 1]`` (BinaryNet).
+
+    Higher orders: the backward is made of differentiable torch ops, so double backward
+    (``create_graph=True``) is that of the STE formula -- linear in ``grad_out``, and zero in
+    ``x`` (the clip mask is piecewise constant). ``setup_context`` style with a generated vmap
+    rule, so ``torch.func.grad`` / ``vmap`` work too."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
+    def forward(x: Tensor) -> Tensor:  # type: ignore[override]
         one = torch.ones((), dtype=x.dtype, device=x.device)
         out = torch.where(x >= 0, one, -one)
         # NaN in -> NaN out: ``x >= 0`` is False for NaN, which would silently give -1.
         return torch.where(torch.isnan(x), x, out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        (x,) = inputs
+        ctx.save_for_backward(x)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> Tensor:  # type: ignore[override]

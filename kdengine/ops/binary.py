@@ -19,7 +19,10 @@ i.e. K <= 16,777,216 in float32), times ``scale``, plus ``bias``, rounded once t
 
 Inference only: these ops define no gradient. They run under no-grad semantics whatever
 ``x.requires_grad`` is and return tensors that do not require grad (train with the
-straight-through layers of :mod:`kdengine.nn`, then pack).
+straight-through layers of :mod:`kdengine.nn`, then pack). So there is no first or second
+derivative to get wrong: ``backward`` / ``torch.autograd.grad`` (``create_graph`` or not) through
+them alone raises torch's "does not require grad" error, and under ``torch.func.grad`` (which
+would silently return zeros) the float-input ops raise RuntimeError for a tracked input.
 
 Zero padding in :func:`binary_conv2d`: a padded position contributes 0 to the sum, exactly like
 ``torch.conv2d`` on the +-1 tensor with zero padding. 0 is not a sign, so the kernels pack padded
@@ -42,6 +45,7 @@ Backend contract (``impl`` registered for each backend):
 from __future__ import annotations
 
 import numbers
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
@@ -63,6 +67,8 @@ __all__ = [
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# The counts are int32 (K - 2 popcount): K must stay below 2^31, or xnor_matmul wraps around.
+K_LIMIT = 2**31
 IntPair = Union[int, Sequence[int]]
 
 
@@ -71,6 +77,16 @@ IntPair = Union[int, Sequence[int]]
 
 def _words(k: int) -> int:
     return (k + 31) // 32
+
+
+def check_k_limit(k: int, what: str = "k") -> None:
+    """Raise ValueError unless ``k < 2^31``: every count is an exact int32, and ``K - 2 * count``
+    of a larger K would wrap around silently."""
+    if k >= K_LIMIT:
+        raise ValueError(
+            f"{what}={k} is too large: the popcount kernels count in int32, so K must be "
+            f"< 2^31 = {K_LIMIT}"
+        )
 
 
 @dataclass(frozen=True)
@@ -82,8 +98,11 @@ class PackedSigns:
     and bit 0 means +1; for spikes (``spikes=True``, made by :func:`pack_spikes`) bit 1 means 1.
     ``k``: the number of values per row (>= 1).
 
-    Construction checks the dtype, shape and (one word per row, a cheap tensor op) that the
-    padding bits are 0: kernels rely on it, padding bits are never masked.
+    Construction checks the dtype, ``k < 2^31`` (int32 counts), the shape and (one word per row,
+    a cheap tensor op) that the padding bits are 0. ``bits`` is an ordinary tensor, so its padding
+    bits can still be set in place afterwards: every backend ignores them (the reference unpacks
+    only ``k`` values, the kernels mask the last word of each row), so such edits cannot change a
+    result.
     """
 
     bits: Tensor
@@ -100,6 +119,7 @@ class PackedSigns:
             raise TypeError(f"k must be an int, got {type(k).__name__}")
         if k < 1:
             raise ValueError(f"k must be >= 1 (values per row), got {k}")
+        check_k_limit(int(k), "k")  # before the shape check: a claimed huge k needs no huge bits
         if bits.dim() < 1 or bits.shape[-1] != _words(int(k)):
             raise ValueError(
                 f"bits must have shape (..., ceil(k/32)) = (..., {_words(int(k))}) for k={k}, "
@@ -121,7 +141,9 @@ class PackedSigns:
 
     @classmethod
     def _trusted(cls, bits: Tensor, k: int, spikes: bool = False) -> "PackedSigns":
-        """Wrap words that a packer of this module just produced (no checks, no sync)."""
+        """Wrap words that a packer of this module just produced (no tensor checks, no sync; the
+        K limit is checked: it is a plain int compare)."""
+        check_k_limit(int(k), "k")
         obj = object.__new__(cls)
         object.__setattr__(obj, "bits", bits)
         object.__setattr__(obj, "k", int(k))
@@ -179,12 +201,26 @@ def _check_float(name: str, x: object) -> Tensor:
     return x
 
 
+def _check_no_func_grad(op: str, x: Tensor) -> None:
+    """These ops define no gradient. Under plain autograd their outputs do not require grad (so a
+    backward through them alone raises), but ``torch.func.grad`` would silently return zeros for
+    the input it tracks (and the kernels cannot read its wrapped tensors): raise instead."""
+    if torch._C._functorch.is_gradtrackingtensor(x):
+        raise RuntimeError(
+            f"{op} is inference-only and defines no gradient, so it cannot run inside torch.func "
+            f"gradient transforms (grad, vjp, jacrev, ...), where it would silently give zero "
+            f"gradients; train with the straight-through layers of kdengine.nn (sign_ste, "
+            f"BinaryLinear, BinaryConv2d), and call {op} outside the transform"
+        )
+
+
 def _check_k(name: str, x: Tensor) -> int:
     if x.dim() < 1:
         raise ValueError(f"{name} must have shape (..., K), got a 0-dim tensor")
     k = x.shape[-1]
     if k == 0:
         raise ValueError(f"{name} is empty along K (shape {tuple(x.shape)}); expected K >= 1")
+    check_k_limit(k, f"{name}'s K")
     return k
 
 
@@ -259,6 +295,7 @@ def pack_signs(x: Tensor, *, backend: Optional[str] = None) -> PackedSigns:
         :class:`PackedSigns` with ``bits`` int32 ``(..., ceil(K/32))`` and ``k = K``.
     """
     x = _check_float("x", x)
+    _check_no_func_grad("pack_signs", x)
     _check_k("x", x)
     return _pack(x, False, backend)
 
@@ -273,6 +310,7 @@ def pack_spikes(s: Tensor, *, backend: Optional[str] = None) -> PackedSigns:
         raise TypeError(f"s must be a torch.Tensor of 0/1 spikes, got {type(s).__name__}")
     if s.is_complex():
         raise TypeError(f"s must hold 0/1 spikes (bool, integer or floating), got dtype {s.dtype}")
+    _check_no_func_grad("pack_spikes", s)
     _check_k("s", s)
     if s.dtype != torch.bool:
         bad = (s != 0) & (s != 1)
@@ -351,6 +389,7 @@ def binary_linear(
         ``(..., N)`` in x's dtype, not requiring grad (inference op).
     """
     x = _check_float("x", x)
+    _check_no_func_grad("binary_linear", x)
     k = _check_k("x", x)
     w = _check_packed("weight", weight, spikes=False)
     w2 = _rows(w, "weight")
@@ -422,6 +461,7 @@ def binary_conv2d(
         ``(B, O, OH, OW)`` in x's dtype, not requiring grad.
     """
     x = _check_float("x", x)
+    _check_no_func_grad("binary_conv2d", x)
     if x.dim() != 4:
         raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
     w = _check_packed("weight", weight, spikes=False)
@@ -446,6 +486,8 @@ def binary_conv2d(
             f"the kernel (size {(kh, kw)}, dilation {geo.dilation}) does not fit the padded "
             f"input {tuple(x.shape[2:])} + padding {geo.padding}"
         )
+    # the GEMM runs over kh*kw words of ceil(C/32) words each: its K (>= C*kh*kw) must fit too
+    check_k_limit(kh * kw * 32 * _words(geo.channels), "the conv GEMM's K = kh*kw*32*ceil(C/32)")
     n = w2.shape[0]
     sc = _check_channel_vec("scale", scale, n, x)
     bi = _check_channel_vec("bias", bias, n, x)
@@ -572,25 +614,35 @@ class ConvPlan:
 # (weights' data_ptr, version, shape, strides, device, geometry without batch, backend) ->
 # (weights, plan). The entry holds the weight tensor, so its memory cannot be freed and handed to
 # another tensor while the key exists; in-place changes bump the version, so they miss.
+# Shared by every thread: each lookup, insertion and eviction holds _PLANS_LOCK (an unguarded
+# move_to_end/popitem raced with other threads' evictions: KeyError). Plans are built outside the
+# lock (two threads may build the same plan; one of them is kept) and are read-only once built.
 _PLANS: "OrderedDict[tuple, tuple[Tensor, ConvPlan]]" = OrderedDict()
 _PLANS_MAX = 16
+_PLANS_LOCK = threading.Lock()
 
 
 def conv_plan(w_bits: Tensor, geo: ConvGeometry, backend: str) -> ConvPlan:
     """The :class:`ConvPlan` of these weights, geometry and backend, from a small LRU cache
-    (inference tensors, which have no version counter, are not cached)."""
+    (inference tensors, which have no version counter, are not cached). Thread-safe."""
     if w_bits.is_inference():
         return ConvPlan(w_bits, geo, backend)
     key = (w_bits.data_ptr(), w_bits._version, tuple(w_bits.shape), tuple(w_bits.stride()),
            str(w_bits.device), replace(geo, batch=0), backend)
-    hit = _PLANS.get(key)
-    if hit is not None:
-        _PLANS.move_to_end(key)
-        return hit[1]
+    with _PLANS_LOCK:
+        hit = _PLANS.get(key)
+        if hit is not None:
+            _PLANS.move_to_end(key)
+            return hit[1]
     plan = ConvPlan(w_bits, geo, backend)
-    _PLANS[key] = (w_bits, plan)
-    while len(_PLANS) > _PLANS_MAX:
-        _PLANS.popitem(last=False)
+    with _PLANS_LOCK:
+        hit = _PLANS.get(key)
+        if hit is not None:  # another thread built it meanwhile: keep one
+            _PLANS.move_to_end(key)
+            return hit[1]
+        _PLANS[key] = (w_bits, plan)
+        while len(_PLANS) > _PLANS_MAX:
+            _PLANS.popitem(last=False)
     return plan
 
 

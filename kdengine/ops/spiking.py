@@ -5,7 +5,9 @@ It validates the inputs, flattens the neurons to ``(T, N)``, picks a backend
 ``kdengine::if_multistep_fwd`` and ``kdengine::if_multistep_bwd`` (the latter is the former's
 backward: one reverse loop over T), each with a fake (meta) implementation, so a model calling
 ``if_multistep`` traces under ``torch.compile``. The reference backend is the autograd step loop
-of :mod:`kdengine.reference.spiking` (the spec).
+of :mod:`kdengine.reference.spiking` (the spec). ``if_multistep_bwd`` has an autograd formula of
+its own (double backward: the reference loop's second derivatives for backends that keep x, a
+RuntimeError for those that keep only h; see :func:`if_multistep`).
 
 Backend contract (the object registered under ``op="if_multistep"`` for each backend)::
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import struct
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -235,6 +238,73 @@ def _backward(ctx, g_spikes, g_v, _g_h):
 _if_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Double backward. The fused backward kernels are not differentiable, so the backward op gets its
+# own autograd formula: with ``create_graph=True`` (gradient penalties, Hessian-vector products,
+# ``torch.autograd.functional.hvp``) the first-order gradients still come from the kernel, and
+# differentiating them re-runs the reference step loop on the saved x / v_init and takes the
+# vector-Jacobian product of *its* backward -- the derivative of the surrogate backward formula
+# (the spec, :mod:`kdengine.reference.spiking`), so every backend gives the reference's second
+# derivatives. Backends whose backward reads the saved potentials h instead of x (saves_h: triton,
+# cuda) have not kept x and raise instead of returning a wrong (e.g. missing) second-order term.
+
+
+def _bwd_setup_context(ctx, inputs, output) -> None:
+    (x, v_init, h, grad_spikes, grad_v, backend, v_threshold, hard_reset, v_reset, surrogate,
+     alpha, detach_reset) = inputs
+    ctx.save_for_backward(x, v_init, grad_spikes, grad_v)
+    ctx.saved_h = h.numel() > 0
+    ctx.args = (backend, v_threshold, hard_reset, v_reset, surrogate, alpha, detach_reset)
+
+
+def _double_backward(ctx, gg_x, gg_v0):
+    backend, v_threshold, hard_reset, v_reset, surrogate, alpha, detach_reset = ctx.args
+    if ctx.saved_h:
+        raise RuntimeError(
+            f"if_multistep: double backward (create_graph=True, e.g. a gradient penalty or a "
+            f"Hessian-vector product) is not supported by the {backend} backend: its backward "
+            f"reads the saved membrane potentials, not x. Use backend='cpu' or "
+            f"backend='reference' for higher-order gradients."
+        )
+    from kdengine.reference.spiking import if_multistep_reference
+
+    x, v_init, gs, gv = ctx.saved_tensors
+    create_graph = torch.is_grad_enabled()  # a third order asked for: keep this graph too
+
+    def alias(t: Optional[Tensor]) -> Optional[Tensor]:
+        # a handle to differentiate with respect to: a view keeps t's own graph (higher orders)
+        if t is None:
+            return None
+        return t.view_as(t) if t.requires_grad else t.detach().requires_grad_(True)
+
+    with torch.enable_grad():
+        xl, v0l, gsl, gvl = alias(x), alias(v_init), alias(gs), alias(gv)
+        s, v = if_multistep_reference(xl, v_threshold, v_reset if hard_reset else None, v0l,
+                                      SURROGATES[surrogate], alpha, detach_reset)
+        outs, seeds = [s], [gsl]
+        if gvl is not None:
+            outs.append(v)
+            seeds.append(gvl)
+        wrt = [xl] + ([v0l] if v0l is not None else [])
+        first = torch.autograd.grad(outs, wrt, seeds, create_graph=True, allow_unused=True)
+        pairs = [(f, g) for f, g in zip(first, (gg_x, gg_v0))
+                 if f is not None and g is not None and f.requires_grad]
+        leaves = [t for t in (xl, v0l, gsl, gvl) if t is not None]
+        if pairs:
+            got = torch.autograd.grad([f for f, _ in pairs], leaves, [g for _, g in pairs],
+                                      create_graph=create_graph, allow_unused=True)
+        else:
+            got = (None,) * len(leaves)
+    grads = iter(got)
+    g_x = next(grads)
+    g_v0 = next(grads) if v0l is not None else None
+    g_gs = next(grads)
+    g_gv = next(grads) if gvl is not None else None
+    return (g_x, g_v0, None, g_gs, g_gv) + (None,) * 7
+
+
+_if_bwd.register_autograd(_double_backward, setup_context=_bwd_setup_context)
+
+
 @torch.compiler.assume_constant_result
 def _resolve(device: torch.device, backend: Optional[str]) -> str:
     """The backend name; a trace-time constant under torch.compile (the availability probe
@@ -253,6 +323,33 @@ def _real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
+
+
+_F32_MAX = torch.finfo(torch.float32).max
+_F32_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _in_state_dtype(name: str, value: float, sd: torch.dtype, x_dtype: torch.dtype) -> float:
+    """``value`` rounded to the state dtype ``sd`` (every backend computes in it); ValueError if it
+    rounds to +-inf there (e.g. v_threshold=1e39 with float32 state: the backends used to
+    disagree -- no spikes, NaN -- instead of failing)."""
+    if sd == torch.float64:
+        return value  # already finite: checked by the caller
+    try:
+        rounded = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # some Python versions raise instead of rounding to inf
+        rounded = math.inf
+    if math.isinf(rounded):
+        raise ValueError(
+            f"{name}={value} is outside the finite range of {_dtype_name(sd)}, the membrane-"
+            f"potential dtype for {_dtype_name(x_dtype)} x (|{name}| <= {torch.finfo(sd).max}); "
+            f"scale the inputs down, or use float64 x"
+        )
+    return rounded
 
 
 def _check_x(x: object) -> Tensor:
@@ -290,6 +387,19 @@ def _check_v_init(v_init: object, x: Tensor) -> Tensor:
     return v_init
 
 
+_functorch_level = torch._C._functorch.maybe_current_level  # None outside torch.func transforms
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _functorch_input(x: Tensor, v_init: Optional[Tensor]) -> bool:
+    """True inside a ``torch.func`` transform (grad, vjp, jacrev, vmap, ...): its wrapped tensors
+    cannot go through the kernels' torch.library autograd, so such calls take the reference step
+    loop (same spikes, same surrogate gradients, any order). ~0.05 us outside transforms."""
+    if _functorch_level() is None or torch.compiler.is_compiling():
+        return False
+    return _functorch_wrapped(x) or (v_init is not None and _functorch_wrapped(v_init))
+
+
 def if_multistep(
     x: Tensor,
     v_threshold: float = 1.0,
@@ -312,8 +422,11 @@ def if_multistep(
 
     Args:
         x: ``(T, ...)`` input currents, float32/bfloat16/float16/float64, T >= 1 time steps first.
-        v_threshold: firing threshold theta, finite and > 0.
-        v_reset: None (reset by subtraction, default) or the hard-reset potential, < v_threshold.
+        v_threshold: firing threshold theta, finite and > 0, also in the state dtype (float32
+            for all but float64 x: ``|v_threshold| <= 3.4e38`` and not rounding to 0; ValueError
+            otherwise, so every backend sees the same threshold).
+        v_reset: None (reset by subtraction, default) or the hard-reset potential, < v_threshold
+            (also after rounding to the state dtype) and finite in the state dtype.
         v_init: ``(...)`` initial potential (shape of one step), e.g. the final potential of the
             previous chunk of a stream; default: the resting potential (``v_reset``, or 0).
             Differentiable.
@@ -329,11 +442,31 @@ def if_multistep(
 
     Returns:
         spikes ``(T, ...)`` in x's dtype (0/1), or ``(spikes, v_final)`` with ``return_v``.
+
+    Higher-order gradients. The "true" derivatives here are those of the surrogate backward
+    formula (the reference step loop's autograd, whose backward is itself differentiable).
+    ``backend="reference"`` and ``"cpu"`` support double backward (``create_graph=True``:
+    gradient penalties, Hessian-vector products): the cpu backend's first-order gradients come
+    from the fused kernel, and their derivatives from the reference loop re-run on the saved
+    inputs, so both give the reference's values. ``"triton"`` and ``"cuda"`` keep only the
+    membrane potentials for their backward and raise RuntimeError on double backward (never a
+    silently missing term). Under ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``,
+    ``vmap``) every backend runs the reference step loop.
     """
     x = _check_x(x)
+    sd = state_dtype(x.dtype)
     thr = _real("v_threshold", v_threshold)
     if not (math.isfinite(thr) and thr > 0):
         raise ValueError(f"v_threshold must be finite and > 0, got {thr}")
+    # in float32 state: a normal float32 magnitude is neither inf nor 0 there (fast path)
+    f32_ok = sd is torch.float32 and _F32_TINY <= thr <= _F32_MAX
+    thr_s = thr if f32_ok else _in_state_dtype("v_threshold", thr, sd, x.dtype)
+    if thr_s == 0.0:
+        raise ValueError(
+            f"v_threshold={thr} rounds to 0 in {_dtype_name(sd)}, the membrane-potential dtype "
+            f"for {_dtype_name(x.dtype)} x; it must be > 0 there (smallest {_dtype_name(sd)} > 0: "
+            f"{torch.finfo(sd).smallest_normal * torch.finfo(sd).eps})"
+        )
     hard = v_reset is not None
     reset = 0.0
     if hard:
@@ -344,6 +477,15 @@ def if_multistep(
             raise ValueError(
                 f"v_reset must be below v_threshold (a reset at or above threshold fires forever), "
                 f"got v_reset={reset} >= v_threshold={thr}"
+            )
+        if (sd is torch.float32 and (not f32_ok or abs(reset) > _F32_MAX
+                                     or thr - reset <= thr * 2.0**-22)
+                and _in_state_dtype("v_reset", reset, sd, x.dtype)
+                >= _in_state_dtype("v_threshold", thr, sd, x.dtype)):
+            raise ValueError(
+                f"v_reset must be below v_threshold in {_dtype_name(sd)} (the membrane-potential "
+                f"dtype for {_dtype_name(x.dtype)} x), but v_reset={reset} and v_threshold={thr} "
+                f"round to the same value there (a reset at threshold fires forever)"
             )
     if not isinstance(surrogate, str):
         raise TypeError(
@@ -364,12 +506,11 @@ def if_multistep(
     T = x.shape[0]
     neuron_shape = x.shape[1:]
     n = math.prod(neuron_shape)
-    sd = state_dtype(x.dtype)
     x2 = x.reshape(T, n).contiguous()
     v2 = None if v_init is None else v_init.reshape(n).to(sd).contiguous()
 
     name = _resolve(x.device, backend)
-    if n == 0 or name == "reference":
+    if n == 0 or name == "reference" or _functorch_input(x, v_init):
         from kdengine.reference.spiking import if_multistep_reference
 
         s, v = if_multistep_reference(x2, thr, reset if hard else None, v2, sur, a, detach_reset)

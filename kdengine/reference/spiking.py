@@ -72,13 +72,23 @@ def heaviside(u: Tensor) -> Tensor:
 
 
 class SurrogateSpike(torch.autograd.Function):
-    """Forward: the Heaviside step of ``u``; backward: ``grad * surrogate_grad(u)``."""
+    """Forward: the Heaviside step of ``u``; backward: ``grad * surrogate_grad(u)``.
+
+    The backward is made of differentiable torch ops, so higher derivatives (``create_graph=True``,
+    HVPs, gradient penalties) are those of the surrogate formula: d/du of ``g * sg(u)`` is
+    ``g * sg'(u)``. ``setup_context`` style, so ``torch.func`` transforms work too."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, u: Tensor, surrogate: str, alpha: float) -> Tensor:
+    def forward(u: Tensor, surrogate: str, alpha: float) -> Tensor:
+        return heaviside(u)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        u, surrogate, alpha = inputs
         ctx.save_for_backward(u)
         ctx.surrogate, ctx.alpha = surrogate, alpha
-        return heaviside(u)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -89,13 +99,20 @@ class SurrogateSpike(torch.autograd.Function):
 class HardReset(torch.autograd.Function):
     """``v_reset if s else h`` in value; the derivative of ``s * v_reset + (1 - s) * h`` in
     backward (d/dh = 1 - s, d/ds = v_reset - h). The select keeps an infinite ``h`` from turning
-    into NaN through ``0 * inf``."""
+    into NaN through ``0 * inf``. The backward is differentiable (double backward: the
+    derivatives of that product form)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, h: Tensor, s: Tensor, v_reset: float) -> Tensor:
+    def forward(h: Tensor, s: Tensor, v_reset: float) -> Tensor:
+        return torch.where(s == 1, torch.full_like(h, v_reset), h)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        h, s, v_reset = inputs
         ctx.save_for_backward(h, s)
         ctx.v_reset = v_reset
-        return torch.where(s == 1, torch.full_like(h, v_reset), h)
 
     @staticmethod
     def backward(ctx, g: Tensor):

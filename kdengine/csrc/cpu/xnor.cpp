@@ -4,8 +4,9 @@
 // is element 32*w + j, bit 1 = -1 (signs) or 1 = spike; padding bits beyond K are 0.
 //   xnor  (mode 0): out[m,n] = sum_k sign(a) sign(b) = K - 2 * popcount(a XOR b)
 //   spike (mode 1): out[m,n] = sum_k s * sign(w)     = popcount(s) - 2 * popcount(s AND w)
-// Zero padding bits never count: 0 XOR 0 = 0 and 0 AND x = 0. Counts are exact integers (int32:
-// K < 2^31).
+// Zero padding bits never count: 0 XOR 0 = 0 and 0 AND x = 0; an operand whose padding bits were
+// set after packing is first copied with them cleared (clear_padding). Counts are exact integers
+// (int32: K < 2^31, checked).
 //
 // Layout. Inputs are row-major (rows, W), W = ceil(K/32) int32 words per row (PackedSigns.bits).
 //
@@ -70,7 +71,17 @@ constexpr int NR = 4;         // B rows per scalar micro-tile
 constexpr int64_t MB = 64;    // A rows per task (multiple of MR)
 constexpr int64_t NB = 128;   // B rows per task (multiple of NR)
 constexpr int64_t KCW = 256;  // words per K block (scalar and GEMV paths; a multiple of 8)
-int64_t kSplitBMinRows = 16;  // M from which the AVX2 path splits B too (binary_set_split_b_rows)
+std::atomic<int64_t> kSplitBMinRows{16};  // M from which the AVX2 path splits B too (binary_set_split_b_rows)
+
+// The path thresholds (test/bench knobs), loaded once per call so that a concurrent change cannot
+// make binary_gemm allocate for one path (uninitialized output) and gemm_counts take another.
+struct PathKnobs {
+  int64_t lut_rows, lut_cols, split_rows;
+};
+PathKnobs path_knobs() {
+  return {kLutMinRows.load(std::memory_order_relaxed), kLutMinCols.load(std::memory_order_relaxed),
+          kSplitBMinRows.load(std::memory_order_relaxed)};
+}
 
 enum Isa : int64_t { kPortable = 0, kPopcnt = 1, kAvx2 = 2 };
 
@@ -486,9 +497,10 @@ void drive(int64_t M, int64_t N, int64_t kunits, int64_t kblock, const Tile& til
 // `base` (per row: K, or popcount(A[m])) the AVX2 GEMM path writes base[m] - 2 count directly
 // (C need not be zeroed) and returns true; otherwise C holds counts and it returns false.
 bool gemm_counts(const u32* A, int64_t M, const u32* B, int64_t N, int64_t W, int32_t* C,
-                 bool use_and, Isa isa, const int32_t* base = nullptr) {
+                 bool use_and, Isa isa, const int32_t* base = nullptr,
+                 const PathKnobs& knobs = path_knobs()) {
   const int mode = use_and ? 1 : 0;
-  if (isa == kAvx2 && M >= kLutMinRows && N >= kLutMinCols) {  // table-lookup GEMM (xnor_lut.cpp)
+  if (isa == kAvx2 && M >= knobs.lut_rows && N >= knobs.lut_cols) {  // table-lookup GEMM (xnor_lut.cpp)
     lut_gemm_avx2(A, M, B, N, W, C, use_and, base);
     return base != nullptr;
   }
@@ -502,7 +514,7 @@ bool gemm_counts(const u32* A, int64_t M, const u32* B, int64_t N, int64_t W, in
       });
       return t;
     };
-    if (M >= kSplitBMinRows) {
+    if (M >= knobs.split_rows) {
       const int64_t npa = (M + PMR - 1) / PMR, npb = (N + PNR - 1) / PNR;
       at::Tensor ap = at::empty({npa, nv * PMR * 16}, at::TensorOptions().dtype(at::kInt));
       at::Tensor bp = at::empty({npb, nv * PNR * 16}, at::TensorOptions().dtype(at::kInt));
@@ -702,8 +714,29 @@ void check_bits(const at::Tensor& t, const char* name, int64_t k) {
                     t.scalar_type());
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
+  TORCH_CHECK_VALUE(k < (int64_t(1) << 31), "k=", k,
+                    " is too large: the counts are int32, so K must be < 2^31 = 2147483648");
   TORCH_CHECK_VALUE(t.size(1) == (k + 31) / 32, name, " has ", t.size(1),
                     " words per row but k = ", k, " needs ", (k + 31) / 32);
+}
+
+// Padding bits (bits k % 32 .. 31 of the last word of a row) never count. PackedSigns checks them
+// at construction, but its bits tensor can be edited in place afterwards: t itself when no row has
+// one set (one word read per row), else a copy with them cleared, so the kernels below (which
+// assume zero padding) give the same result as with clean padding.
+at::Tensor clear_padding(const at::Tensor& t, int64_t k) {
+  const int rem = static_cast<int>(k % 32);
+  const int64_t R = t.size(0), W = t.size(1);
+  if (rem == 0 || R == 0) return t;
+  const u32 pad = ~((u32{1} << rem) - 1);
+  const u32* p = reinterpret_cast<const u32*>(t.data_ptr<int32_t>()) + (W - 1);
+  bool dirty = false;
+  for (int64_t r = 0; r < R; ++r) dirty |= (p[r * W] & pad) != 0;
+  if (!dirty) return t;
+  at::Tensor c = t.clone();
+  u32* q = reinterpret_cast<u32*>(c.data_ptr<int32_t>()) + (W - 1);
+  for (int64_t r = 0; r < R; ++r) q[r * W] &= ~pad;
+  return c;
 }
 
 at::Tensor counts_impl(const at::Tensor& a, const at::Tensor& b, Isa isa, bool use_and) {
@@ -725,10 +758,11 @@ at::Tensor binary_pack_signs(const at::Tensor& x, int64_t isa) {
 at::Tensor binary_pack_bool(const at::Tensor& s, int64_t isa) { return pack_bool_impl(s, pick_isa(isa)); }
 
 // mode 0: K - 2 popcount(a ^ b); mode 1: popcount(a) - 2 popcount(a & b).
-at::Tensor binary_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, int64_t mode,
+at::Tensor binary_gemm(const at::Tensor& a_in, const at::Tensor& b_in, int64_t k, int64_t mode,
                        int64_t isa_arg) {
-  check_bits(a, "a", k);
-  check_bits(b, "b", k);
+  check_bits(a_in, "a", k);
+  check_bits(b_in, "b", k);
+  const at::Tensor a = clear_padding(a_in, k), b = clear_padding(b_in, k);
   TORCH_CHECK_VALUE(mode == 0 || mode == 1, "mode must be 0 (xnor) or 1 (spike AND), got ", mode);
   const Isa isa = pick_isa(isa_arg);
   const int64_t M = a.size(0), N = b.size(0), W = a.size(1);
@@ -745,13 +779,14 @@ at::Tensor binary_gemm(const at::Tensor& a, const at::Tensor& b, int64_t k, int6
     });
   }
   // the AVX2 GEMM path writes every output itself; the others accumulate into zeros
-  const bool writes_all = isa == kAvx2 && M >= kSplitBMinRows;
+  const PathKnobs knobs = path_knobs();
+  const bool writes_all = isa == kAvx2 && M >= knobs.split_rows;
   at::Tensor c = writes_all ? at::empty({M, N}, a.options().dtype(at::kInt))
                             : at::zeros({M, N}, a.options().dtype(at::kInt));
   if (M == 0 || N == 0) return c;
   int32_t* cp = c.data_ptr<int32_t>();
   if (gemm_counts(ap, M, reinterpret_cast<const u32*>(b.data_ptr<int32_t>()), N, W, cp, mode == 1,
-                  isa, base.data()))
+                  isa, base.data(), knobs))
     return c;
   kdengine::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
@@ -776,11 +811,12 @@ void linear_epilogue(const int32_t* c, int64_t M, int64_t N, int64_t k, const ac
   });
 }
 
-at::Tensor binary_linear(const at::Tensor& x, const at::Tensor& w, int64_t k,
+at::Tensor binary_linear(const at::Tensor& x, const at::Tensor& w_in, int64_t k,
                          const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
                          int64_t isa_arg) {
   check_2d(x, "x");
-  check_bits(w, "weight", k);
+  check_bits(w_in, "weight", k);
+  const at::Tensor w = clear_padding(w_in, k);
   TORCH_CHECK_VALUE(x.size(1) == k, "x has K = ", x.size(1), " features but weight has k = ", k);
   const Isa isa = pick_isa(isa_arg);
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -838,17 +874,12 @@ double binary_cpu_ghz(int64_t iters) {
 
 // Sets the smallest M and N for the table-lookup GEMM (returns the old pair; tests/bench).
 std::vector<int64_t> binary_set_lut_min(int64_t rows, int64_t cols) {
-  std::vector<int64_t> old{kLutMinRows, kLutMinCols};
-  kLutMinRows = rows;
-  kLutMinCols = cols;
-  return old;
+  return {kLutMinRows.exchange(rows), kLutMinCols.exchange(cols)};
 }
 
 // Sets the M threshold from which the AVX2 path also splits B (returns the old one; tests/bench).
 int64_t binary_set_split_b_rows(int64_t rows) {
-  const int64_t old = kSplitBMinRows;
-  kSplitBMinRows = rows;
-  return old;
+  return kSplitBMinRows.exchange(rows);
 }
 
 }  // namespace

@@ -46,8 +46,8 @@
 
 namespace kdengine_binary {
 
-int64_t kLutMinRows = 16;
-int64_t kLutMinCols = 192;  // a 256-row panel at least 3/4 used (N = 64..128: the panel kernel is 2x faster)
+std::atomic<int64_t> kLutMinRows{16};
+std::atomic<int64_t> kLutMinCols{192};  // a 256-row panel at least 3/4 used (N = 64..128: the panel kernel is 2x faster)
 
 namespace {
 

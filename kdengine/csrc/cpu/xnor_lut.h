@@ -1,6 +1,7 @@
 // The table-lookup binary GEMM of xnor_lut.cpp (AVX2), called by xnor.cpp's gemm_counts.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 namespace kdengine_binary {
@@ -12,7 +13,9 @@ void lut_gemm_avx2(const uint32_t* A, int64_t M, const uint32_t* B, int64_t N, i
                    int32_t* C, bool use_and, const int32_t* base);
 
 // Smallest M and N for which gemm_counts takes this path (tests and the benchmark change them).
-extern int64_t kLutMinRows;
-extern int64_t kLutMinCols;
+// Atomics, read once per call (gemm_counts' PathKnobs): a change from another thread never
+// splits one call between two paths.
+extern std::atomic<int64_t> kLutMinRows;
+extern std::atomic<int64_t> kLutMinCols;
 
 }  // namespace kdengine_binary

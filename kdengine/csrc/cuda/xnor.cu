@@ -1,7 +1,7 @@
 // Binary (XNOR / AND) popcount GEMM, bit packing and fused binary linear epilogue, CUDA.
 //
 // Math. Rows of A (M) and B (N) are K bits in 32-bit words (bit j of word w = element 32w + j;
-// sign bits: 1 = -1, spikes: 1 = spike; padding bits 0, so they never count):
+// sign bits: 1 = -1, spikes: 1 = spike; padding bits 0, and the GEMM masks them off anyway):
 //   mode 0 (xnor):  out[m,n] = K - 2 * popc(a XOR b)        = sum_k sign(a) sign(b)
 //   mode 1 (spike): out[m,n] = popc(a) - 2 * popc(a AND b)   = sum_k s sign(w)
 // Exact int32 results (K < 2^31).
@@ -78,6 +78,8 @@ gemm_kernel(const uint32_t* __restrict__ A, const uint32_t* __restrict__ B, int3
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * TM, n0 = static_cast<int64_t>(blockIdx.x) * TN;
   int acc[4][4] = {};
   int pa[4] = {};
+  // padding bits of each row's last word never count (PackedSigns.bits may be edited after packing)
+  const uint32_t last = (K % 32) ? ((1u << (K % 32)) - 1u) : ~0u;
   for (int64_t k0 = 0; k0 < W; k0 += TKW) {
     // stage: 64 rows x 16 words per operand = 1024 words, 4 per thread; consecutive threads read
     // consecutive words of a row (coalesced), stored transposed.
@@ -85,8 +87,9 @@ gemm_kernel(const uint32_t* __restrict__ A, const uint32_t* __restrict__ B, int3
       const int row = i / TKW, kk = i % TKW;
       const int64_t gk = k0 + kk;
       const int64_t gm = m0 + row, gn = n0 + row;
-      As[kk][row] = (gm < M && gk < W) ? A[gm * W + gk] : 0u;
-      Bs[kk][row] = (gn < N && gk < W) ? B[gn * W + gk] : 0u;
+      const uint32_t keep = gk == W - 1 ? last : ~0u;
+      As[kk][row] = (gm < M && gk < W) ? (A[gm * W + gk] & keep) : 0u;
+      Bs[kk][row] = (gn < N && gk < W) ? (B[gn * W + gk] & keep) : 0u;
     }
     __syncthreads();
 #pragma unroll
