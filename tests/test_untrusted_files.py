@@ -258,7 +258,7 @@ def test_nan_in_manifest(files, capsys):
     d, path, good = files
     bad = d / "nan.safetensors"
     header, _ = _split(path.read_bytes())
-    text = header["__metadata__"]["kdengine_manifest"].replace('"format_version": 1', '"format_version": NaN')
+    text = header["__metadata__"]["kdengine_manifest"].replace('"format_version": 1', '"format_version": 1, "note": NaN')
     assert "NaN" in text
     bad.write_bytes(_with_manifest_text(path, text))
     with pytest.raises(ValueError, match="NaN") as ei:
