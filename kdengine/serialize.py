@@ -36,12 +36,16 @@ length, a JSON header listing every tensor's dtype, shape and byte range, then t
   ``manifest_sha256``: sha256 of the manifest without its two hash fields, as canonical JSON
   (sorted keys, no spaces). Together they catch any altered byte of the file.
 
-What :func:`load_packed` checks (each failure is a ValueError naming what is wrong): the file is
-complete (no truncation, no trailing bytes), the header is valid JSON, the format name and version
+What :func:`load_packed` checks (each failure is a ValueError naming what is wrong): the path is a
+regular file (``os.stat`` first: a directory, FIFO or device is refused before opening), the file is
+complete (no truncation, no trailing bytes), the header and manifest are valid JSON (no
+NaN/Infinity, no nesting deep enough to exhaust the parser's recursion), the format name and version
 are ones this code reads, both hashes, that the tensors in the file are exactly those of the
 manifest with the manifest's dtypes and shapes, that every layer config has exactly the expected
-keys and value types, that the rebuilt architecture expects exactly these tensors, shapes and dtypes,
-and that the padding bits of every packed weight are 0.
+keys and value types, that the rebuilt architecture expects exactly these tensors, shapes and dtypes
+(checked on the meta device before anything is allocated: the manifest hash is not keyed, so a
+forger can describe a huge layer; only the stored tensors, bounded by the file, are trusted for
+sizes), and that the padding bits of every packed weight are 0.
 """
 from __future__ import annotations
 
