@@ -36,18 +36,23 @@ length, a JSON header listing every tensor's dtype, shape and byte range, then t
   ``manifest_sha256``: sha256 of the manifest without its two hash fields, as canonical JSON
   (sorted keys, no spaces). Together they catch any altered byte of the file.
 
-What :func:`load_packed` checks (each failure is a ValueError naming what is wrong): the file is
-complete (no truncation, no trailing bytes), the header is valid JSON, the format name and version
+What :func:`load_packed` checks (each failure is a ValueError naming what is wrong): the path is a
+regular file (``os.stat`` first: a directory, FIFO or device is refused before opening), the file is
+complete (no truncation, no trailing bytes), the header and manifest are valid JSON (no
+NaN/Infinity, no nesting deep enough to exhaust the parser's recursion), the format name and version
 are ones this code reads, both hashes, that the tensors in the file are exactly those of the
 manifest with the manifest's dtypes and shapes, that every layer config has exactly the expected
-keys and value types, that the rebuilt architecture expects exactly these tensors, shapes and dtypes,
-and that the padding bits of every packed weight are 0.
+keys and value types, that the rebuilt architecture expects exactly these tensors, shapes and dtypes
+(checked on the meta device before anything is allocated: the manifest hash is not keyed, so a
+forger can describe a huge layer; only the stored tensors, bounded by the file, are trusted for
+sizes), and that the padding bits of every packed weight are 0.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import stat
 import struct
 from collections import OrderedDict
 from typing import Any, Callable, Union
@@ -448,6 +453,41 @@ def save_packed(model: nn.Module, path: PathLike) -> dict:
 # --------------------------------------------------------------------------- load
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _json_loads(text: Any, where: str, what: str) -> Any:
+    """Strict JSON for untrusted headers: no NaN/Infinity, no nesting so deep that the parser
+    recurses out of stack; every failure a ValueError naming the file."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError(f"{where}: {what} is nested too deeply to be read (file altered?)") from None
+    except (TypeError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{where}: {what} is not valid JSON (file altered?): {exc}") from None
+
+
+def _read_regular_file(where: str) -> bytes:
+    """The bytes of ``where``, which must be a regular file: a directory, device or FIFO is a
+    ValueError at once (checked with os.stat before opening, so a FIFO never blocks)."""
+    try:
+        st = os.stat(where)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where}: no such file") from None
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file")
+        raise ValueError(f"{where}: is {kind}, not a regular file")
+    try:
+        with open(where, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+
+
 def _parse_header(data: bytes, where: str) -> tuple[dict, int]:
     if len(data) < 8:
         raise ValueError(f"{where}: truncated: {len(data)} bytes, a safetensors file has at least 8")
@@ -456,10 +496,7 @@ def _parse_header(data: bytes, where: str) -> tuple[dict, int]:
         raise ValueError(
             f"{where}: truncated: the header says {n} header bytes but only {len(data) - 8} follow"
         )
-    try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{where}: the safetensors header is not valid JSON (file altered?): {exc}") from None
+    header = _json_loads(data[8 : 8 + n], where, "the safetensors header")
     if not isinstance(header, dict):
         raise ValueError(f"{where}: the safetensors header is not a JSON object")
     end = 0
@@ -493,10 +530,7 @@ def _manifest_from_header(header: dict, where: str) -> dict:
             f"{where}: safetensors metadata must be exactly {{'format': {FORMAT_NAME!r}, {MANIFEST_KEY!r}: ...}}, "
             f"got keys {sorted(meta)} (file altered?)"
         )
-    try:
-        manifest = json.loads(meta[MANIFEST_KEY])
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{where}: the manifest is not valid JSON: {exc}") from None
+    manifest = _json_loads(meta[MANIFEST_KEY], where, "the manifest")
     if not isinstance(manifest, dict):
         raise ValueError(f"{where}: the manifest is not a JSON object")
     if manifest.get("format") != FORMAT_NAME:
@@ -522,8 +556,7 @@ def _manifest_from_header(header: dict, where: str) -> dict:
 def read_manifest(path: PathLike) -> dict:
     """The manifest of a saved packed model (checks the header and the manifest hash only)."""
     where = os.fspath(path)
-    with open(where, "rb") as f:
-        data = f.read()
+    data = _read_regular_file(where)
     header, _ = _parse_header(data, where)
     return _manifest_from_header(header, where)
 
@@ -558,8 +591,7 @@ def load_packed(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.
     from safetensors.torch import load as st_load
 
     where = os.fspath(path)
-    with open(where, "rb") as f:
-        data = f.read()
+    data = _read_regular_file(where)
     header, _ = _parse_header(data, where)
     manifest = _manifest_from_header(header, where)
 
@@ -593,13 +625,20 @@ def load_packed(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.
         raise ValueError(f"{where}: tensor payload hash mismatch: the tensor data was altered or corrupted")
 
     try:
+        # The manifest is checked against the stored tensors on the meta device first (no
+        # memory): a forged manifest describing a huge layer (hashes recomputed, as anyone can)
+        # must not allocate that layer before the shape check rejects it.
+        with torch.device("meta"):
+            _match_state(_build(manifest["model"], ""), tensors, where)
         model = _build(manifest["model"], "")
         _match_state(model, tensors, where)
         model.load_state_dict(tensors, strict=True)
         _check_padding_bits(model)
     except ValueError:
         raise
-    except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as exc:
+    except RecursionError:
+        raise ValueError(f"{where}: invalid model description: nested too deeply") from None
+    except (KeyError, TypeError, AttributeError, IndexError, RuntimeError, NotImplementedError) as exc:
         # A malformed manifest that passed the hash can only come from a writer bug or a
         # deliberate forgery; still report it as a bad file, not as an internal error.
         raise ValueError(f"{where}: invalid model description: {type(exc).__name__}: {exc}") from exc

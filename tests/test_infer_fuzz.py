@@ -229,6 +229,61 @@ def test_tensor_table_edits(data):
     _check(_encode(header), "tensor table edit")
 
 
+class _HugeAllocation(BaseException):
+    """Raised (not Exception: the loader's own handlers must not swallow it) by the guarded
+    tensor factories when a real (non-meta) tensor above the limit is about to be made."""
+
+
+_ALLOC_LIMIT = 1 << 20  # elements; the fuzz model's largest tensor has < 1,000
+
+
+def _guard_factory(fn):
+    def guarded(*size, **kw):
+        dims = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        numel = 1
+        for d in dims:
+            numel *= int(d)
+        device = kw.get("device")
+        on_meta = (torch.device(device).type == "meta" if device is not None
+                   else torch.get_default_device().type == "meta")
+        if not on_meta and numel > _ALLOC_LIMIT:
+            raise _HugeAllocation(f"{fn.__name__}{tuple(dims)} before the shape check")
+        return fn(*size, **kw)
+
+    return guarded
+
+
+_SIZE_KEYS = ("in_features", "out_features", "in_channels", "out_channels", "num_features")
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(st.data())
+def test_forged_huge_layers_are_rejected_before_allocating(data):
+    """A forged (re-hashed) manifest that makes one layer huge while the stored tensors keep
+    their shapes: a ValueError from the shape check, and no real tensor beyond ~1M elements is
+    ever created (the tensor factories are guarded while loading)."""
+    manifest = json.loads(json.dumps(MANIFEST))
+    layers = [c for c in manifest["model"]["children"] if set(_SIZE_KEYS) & set(c.get("config", {}))]
+    layer = data.draw(st.sampled_from(layers))
+    for key in sorted(set(_SIZE_KEYS) & set(layer["config"])):
+        if data.draw(st.booleans()) or key == sorted(set(_SIZE_KEYS) & set(layer["config"]))[0]:
+            layer["config"][key] = data.draw(st.integers(2**11, 2**16))
+    manifest["manifest_sha256"] = serialize._manifest_sha256(manifest)
+    TARGET.write_bytes(_with_manifest(manifest))
+    saved = {n: getattr(torch, n) for n in ("empty", "zeros", "ones")}
+    try:
+        for n, fn in saved.items():
+            setattr(torch, n, _guard_factory(fn))
+        with pytest.raises(ValueError, match="shape") as ei:
+            load(TARGET)
+    except _HugeAllocation as exc:
+        pytest.fail(f"a huge tensor was allocated from a forged manifest: {exc}")
+    finally:
+        for n, fn in saved.items():
+            setattr(torch, n, fn)
+    assert str(TARGET) in str(ei.value)
+
+
 def test_fuzz_outcomes_were_mostly_rejections():
     """Runs last (file order): the mutations must have been exercised and, apart from the
     harmless ones, rejected (a guard against a fuzzer that silently tested nothing)."""

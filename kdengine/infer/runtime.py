@@ -51,6 +51,7 @@ import math
 import os
 import threading
 import time
+import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Union
@@ -583,7 +584,7 @@ def _pick(d: dict, keys: tuple[str, ...], where: str, what: str, required: bool)
     return None
 
 
-def load_input(spec: str) -> tuple[Tensor, Optional[Tensor], str]:
+def load_input(spec: str, max_input_bytes: Optional[int] = None) -> tuple[Tensor, Optional[Tensor], str]:
     """The INPUT of ``kdengine infer``: ``(images float32 (N, ...), labels int64 (N,) or None,
     description)``.
 
@@ -595,6 +596,11 @@ def load_input(spec: str) -> tuple[Tensor, Optional[Tensor], str]:
       the only entry), labels (optional) under ``labels`` / ``y`` / ``targets``.
 
     uint8 images are scaled to ``[0, 1]`` (``/ 255``); floating images are used as they are.
+
+    A file must be a regular file (a directory, FIFO or device is a ValueError at once) whose
+    arrays decode to at most ``max_input_bytes`` (default
+    :data:`kdengine.infer.inputs.DEFAULT_MAX_INPUT_BYTES`, 256 MiB), checked from the array
+    headers before anything is decompressed or allocated (:func:`kdengine.infer.inputs.check_input_file`).
     """
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"INPUT must be a file path or mnist:SPLIT[:N], got {spec!r}")
@@ -615,20 +621,24 @@ def load_input(spec: str) -> tuple[Tensor, Optional[Tensor], str]:
                 raise ValueError(f"INPUT {spec!r}: N must be >= 1, got {n}")
             x, y = x[:n], y[:n]
         return x, y, f"bundled MNIST, split {split!r} (kdengine.data.load_mnist, seed 0), {len(x)} images"
+    from kdengine.infer.inputs import DEFAULT_MAX_INPUT_BYTES, check_input_file
+
     if not os.path.exists(spec):
         raise FileNotFoundError(f"INPUT {spec!r}: no such file (or use mnist:test[:N])")
     low = spec.lower()
+    if low.endswith((".npy", ".npz", ".safetensors")):
+        check_input_file(spec, DEFAULT_MAX_INPUT_BYTES if max_input_bytes is None else max_input_bytes)
     if low.endswith(".npy"):
         try:
             arr = np.load(spec, allow_pickle=False)
-        except ValueError as exc:
+        except (ValueError, EOFError, OSError, MemoryError) as exc:
             raise ValueError(f"{spec}: not a plain .npy array (pickled objects are refused): {exc}") from None
         x, y = _to_float_images(arr, spec), None
     elif low.endswith(".npz"):
         try:
             with np.load(spec, allow_pickle=False) as z:
                 d = {k: z[k] for k in z.files}
-        except ValueError as exc:
+        except (ValueError, EOFError, OSError, MemoryError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{spec}: not a plain .npz archive (pickled objects are refused): {exc}") from None
         x = _to_float_images(_pick(d, _IMAGE_KEYS, spec, "images", True), spec)
         lab = _pick(d, _LABEL_KEYS, spec, "labels", False)
@@ -672,6 +682,8 @@ def infer_main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--backend", default=None, choices=["auto", *_dispatch.BACKENDS],
                     help="backend of the binary ops (default: auto)")
+    ap.add_argument("--max-input-mb", type=float, default=None,
+                    help="largest decoded INPUT accepted, in MiB (default 256)")
     ap.add_argument("--show", type=int, default=20, help="predictions printed in text mode (default 20)")
     a = ap.parse_args(argv)
 
@@ -683,6 +695,9 @@ def infer_main(argv: Optional[list[str]] = None) -> int:
         return fail(f"--batch must be >= 1, got {a.batch}")
     if a.repeat < 1:
         return fail(f"--repeat must be >= 1, got {a.repeat}")
+    if a.max_input_mb is not None and not a.max_input_mb > 0:
+        return fail(f"--max-input-mb must be > 0, got {a.max_input_mb}")
+    max_input = None if a.max_input_mb is None else int(a.max_input_mb * 2**20)
     if a.threads is not None:
         if a.threads < 1:
             return fail(f"--threads must be >= 1, got {a.threads}")
@@ -691,7 +706,7 @@ def infer_main(argv: Optional[list[str]] = None) -> int:
         t0 = time.perf_counter()
         model = load(a.model, backend=a.backend)
         load_s = time.perf_counter() - t0
-        x, labels, what = load_input(a.input)
+        x, labels, what = load_input(a.input, max_input_bytes=max_input)
         x = model.adapt_input(x)
         model.predict(x[: a.batch])  # build the plan of the batch size before timing the pass
         t0 = time.perf_counter()
@@ -699,8 +714,8 @@ def infer_main(argv: Optional[list[str]] = None) -> int:
         pass_s = time.perf_counter() - t0
         lat1 = model.latency(x[:1], repeat=a.repeat)
         latn = model.latency(x[: a.batch], repeat=a.repeat) if a.batch > 1 and x.shape[0] >= a.batch else None
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        return fail(str(exc))
+    except (ValueError, TypeError, OSError, MemoryError) as exc:
+        return fail(str(exc) or type(exc).__name__)
     pred = logits.argmax(-1)
     n = int(x.shape[0])
     out: dict[str, Any] = {

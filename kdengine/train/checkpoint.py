@@ -10,16 +10,29 @@ Layout of a checkpoint file (``*.safetensors``):
 * header metadata key ``kdengine`` = JSON: format version, user state (epoch, step, metrics...),
   scheduler state dicts, optimizer skeletons.
 
-Writes are atomic: the bytes go to a temporary file in the same directory, are fsync'ed, and
-``os.replace`` moves them over the target, so a crash leaves either the old or the new checkpoint,
-never a torn one. Loading never unpickles anything.
+Integrity: the JSON carries ``payload_sha256`` (sha256 over the tensors in sorted name order, each
+``name \0 dtype \0 shape-as-JSON \0 raw bytes``, as :mod:`kdengine.serialize` hashes a model)
+and ``meta_sha256`` (sha256 of the JSON without the two hash fields, canonical: sorted keys, no
+spaces). :func:`read_checkpoint` verifies both, so a flipped byte in a weight or an edited
+``global_step`` is a ValueError naming the file, as is a truncated or unreadable file.
+Checkpoints written before the hashes existed load with a warning (nothing to verify).
+
+Writes are atomic: the bytes go to a temporary file ``.<name>.tmp-XXXX`` in the same directory,
+are fsync'ed, and ``os.replace`` moves them over the target, so a crash leaves either the old or
+the new checkpoint, never a torn one; temp files that a killed save left behind are removed by
+the next save of the same file. The file gets the usual mode (``0o666 & ~umask``). Loading never
+unpickles anything.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -33,12 +46,35 @@ FORMAT = "kdengine-checkpoint/1"
 _META_KEY = "kdengine"
 
 
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove temp files of ``path`` left by a killed save: ``.<name>.tmp-*`` (and the
+    ``.<name>.XXXXXXXX.tmp`` names of earlier versions), in the same directory only."""
+    d, name = str(path.parent), glob.escape(path.name)
+    for pattern in (f".{name}.tmp-*", f".{name}.{'[!.]' * 8}.tmp"):
+        for stale in glob.glob(os.path.join(glob.escape(d), pattern)):
+            try:
+                if stat.S_ISREG(os.lstat(stale).st_mode):
+                    os.unlink(stale)
+            except OSError:
+                pass
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory + os.replace)."""
+    """Write ``data`` to ``path`` atomically (temp file ``.<name>.tmp-XXXX`` in the same
+    directory + os.replace). Temp files of ``path`` left by an earlier killed write are removed
+    first; the file gets mode ``0o666 & ~umask`` (not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -90,6 +126,23 @@ def _json_restore(obj: Any) -> Any:
             return torch.tensor(obj["__scalar_tensor__"], dtype=getattr(torch, obj["dtype"]))
         return {k: _json_restore(v) for k, v in obj.items()}
     return obj
+
+
+def _payload_sha256(tensors: Mapping[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode("utf-8") + b"\0")
+        h.update(str(t.dtype).removeprefix("torch.").encode() + b"\0")
+        h.update(json.dumps(list(t.shape)).encode() + b"\0")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _meta_sha256(meta: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k not in ("payload_sha256", "meta_sha256")}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
 
 def _flatten_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> dict:
@@ -173,24 +226,62 @@ def save_checkpoint(
     meta["state"] = _json_safe(dict(state or {}), "state")
     if save_rng:
         tensors.update(rng_state())
+    meta["payload_sha256"] = _payload_sha256(tensors)
+    meta["meta_sha256"] = _meta_sha256(meta)
     data = st_save(tensors, metadata={_META_KEY: json.dumps(meta)})
     atomic_write_bytes(path, data)
     return Path(path)
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(tensors, metadata) of a checkpoint file, with no object construction and no pickle."""
+    """(tensors, metadata) of a checkpoint file, with no object construction and no pickle.
+
+    Verifies the hashes of the tensors and of the JSON; every problem (truncated, altered,
+    not a checkpoint, not a regular file) is a ValueError naming the file (FileNotFoundError if
+    it does not exist). A checkpoint without hashes (written by an earlier kdengine) is loaded
+    with a warning.
+    """
+    from safetensors import SafetensorError
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
+    where = repr(str(path))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {where} does not exist") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"checkpoint {where} is not a regular file")
+    try:
+        data = path.read_bytes()
+        tensors = st_load(data)
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"checkpoint {where} is truncated or not a safetensors file: {exc}") from None
     if _META_KEY not in header:
-        raise ValueError(f"{str(path)!r} is not a kdengine checkpoint (no '{_META_KEY}' metadata)")
-    meta = json.loads(header[_META_KEY])
+        raise ValueError(f"{where} is not a kdengine checkpoint (no '{_META_KEY}' metadata)")
+    try:
+        meta = json.loads(header[_META_KEY])
+    except (RecursionError, ValueError) as exc:
+        raise ValueError(f"checkpoint {where}: the '{_META_KEY}' metadata is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"checkpoint {where}: the '{_META_KEY}' metadata is not a JSON object")
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r}: unknown checkpoint format {meta.get('format')!r}")
-    tensors = st_load(path.read_bytes())
+        raise ValueError(f"{where}: unknown checkpoint format {meta.get('format')!r}")
+    if "payload_sha256" not in meta and "meta_sha256" not in meta:
+        warnings.warn(
+            f"checkpoint {where} has no integrity hashes (written by an older kdengine); loading it "
+            "unverified. Save it again to add them.",
+            stacklevel=3,
+        )
+    else:
+        if not isinstance(meta.get("meta_sha256"), str) or _meta_sha256(meta) != meta["meta_sha256"]:
+            raise ValueError(
+                f"checkpoint {where}: metadata hash mismatch: the JSON state (step, optimizer "
+                "settings...) was altered or corrupted"
+            )
+        if not isinstance(meta.get("payload_sha256"), str) or _payload_sha256(tensors) != meta["payload_sha256"]:
+            raise ValueError(f"checkpoint {where}: tensor hash mismatch: the tensor data was altered or corrupted")
     return tensors, meta
 
 
@@ -209,24 +300,28 @@ def load_checkpoint(
     ``strict``: every given module/optimizer/scheduler must be present in the file.
     """
     tensors, meta = read_checkpoint(path)
+    where = repr(str(path))
     for name, mod in (modules or {}).items():
         if name not in meta["modules"]:
             if strict:
-                raise KeyError(f"checkpoint has no module {name!r} (has {meta['modules']})")
+                raise KeyError(f"checkpoint {where} has no module {name!r} (has {meta['modules']})")
             continue
         prefix = f"module/{name}/"
         sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        mod.load_state_dict(sd, strict=strict)
+        try:
+            mod.load_state_dict(sd, strict=strict)
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint {where}: module {name!r} does not match it: {exc}") from None
     for name, opt in (optimizers or {}).items():
         if name not in meta["optimizers"]:
             if strict:
-                raise KeyError(f"checkpoint has no optimizer {name!r}")
+                raise KeyError(f"checkpoint {where} has no optimizer {name!r}")
             continue
         opt.load_state_dict(_unflatten_optimizer(name, meta["optimizers"][name], tensors))
     for name, sch in (schedulers or {}).items():
         if name not in meta["schedulers"]:
             if strict:
-                raise KeyError(f"checkpoint has no scheduler {name!r}")
+                raise KeyError(f"checkpoint {where} has no scheduler {name!r}")
             continue
         sch.load_state_dict(_json_restore(meta["schedulers"][name]))
     if restore_rng:
