@@ -166,11 +166,12 @@ class _Plan:
 
 def _chunk_loop(plan: _Plan, hidden: Tensor, weight_c: Tensor, bias_c: Optional[Tensor],
                 cdt: torch.dtype, *, want_grads: bool, row_weights: Optional[Tensor] = None,
-                need: tuple[bool, bool, bool] = (True, True, True)):
+                need: tuple[bool, bool, bool] = (True, True, True), scale: float = 1.0):
     """One pass over the rows; returns (loss, grad_hidden, grad_weight_acc, grad_bias_acc).
 
-    The gradients are of the UNNORMALISED sum (times row_weights for "none"), in the compute dtype
-    for weight/bias (fp32 accumulators) and the hidden dtype for the hidden states.
+    The gradients are ``scale`` times those of the summed loss (times row_weights for "none"), in
+    the compute dtype for weight/bias (fp32 accumulators) and the hidden dtype for the hidden
+    states; the scale rides on the GEMMs' alpha (no extra pass over anything).
     """
     n = hidden.shape[0]
     v = weight_c.shape[0]
@@ -184,8 +185,8 @@ def _chunk_loop(plan: _Plan, hidden: Tensor, weight_c: Tensor, bias_c: Optional[
     if want_grads:
         if need[0]:
             gh = torch.empty_like(hidden)
-        if need[1]:
-            gw = torch.zeros(weight_c.shape, dtype=cdt, device=dev)
+        if need[1]:  # written with beta=0 by the first chunk (zeros if there is none)
+            gw = (torch.empty if n else torch.zeros)(weight_c.shape, dtype=cdt, device=dev)
         if need[2] and bias_c is not None:
             gb = torch.zeros(v, dtype=cdt, device=dev)
     for lo in range(0, n, plan.chunk_size):
@@ -206,11 +207,14 @@ def _chunk_loop(plan: _Plan, hidden: Tensor, weight_c: Tensor, bias_c: Optional[
         if row_weights is not None:
             g = g * row_weights[lo:hi].to(cdt).unsqueeze(-1)
         if gh is not None:
-            gh[lo:hi] = (g @ weight_c).to(gh.dtype)
+            if gh.dtype == cdt:
+                gh[lo:hi].addmm_(g, weight_c, beta=0, alpha=scale)
+            else:
+                gh[lo:hi] = torch.mm(g, weight_c).mul_(scale).to(gh.dtype)
         if gw is not None:
-            gw.addmm_(g.t(), x)
+            gw.addmm_(g.t(), x, beta=0 if lo == 0 else 1, alpha=scale)
         if gb is not None:
-            gb += g.sum(0)
+            gb.add_(g.sum(0), alpha=scale)
     return loss, gh, gw, gb
 
 
@@ -231,15 +235,13 @@ class _FusedLinearKD(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias)
             return loss * plan.loss_scale
         want = any(need)
-        loss, gh, gw, gb = _chunk_loop(plan, hidden, weight_c, bias_c, cdt, want_grads=want,
-                                       need=need)
         scale = plan.loss_scale / plan.denom
-        if gh is not None:
-            gh.mul_(scale)
+        loss, gh, gw, gb = _chunk_loop(plan, hidden, weight_c, bias_c, cdt, want_grads=want,
+                                       need=need, scale=scale)
         if gw is not None:
-            gw = gw.mul_(scale).to(weight.dtype)
+            gw = gw.to(weight.dtype)
         if gb is not None:
-            gb = gb.mul_(scale).to(bias.dtype)
+            gb = gb.to(bias.dtype)
         ctx.save_for_backward(gh, gw, gb)
         out = loss * scale
         if plan.n_out == 1:
