@@ -279,8 +279,8 @@ def test_empty_batch():
 
 
 def test_auto_chunk_size():
-    assert auto_chunk_size(8192, 32000) == 344  # 3 x rows x V x 4 bytes ~ 128 MiB
-    assert auto_chunk_size(8192, 151936) == 72
+    assert auto_chunk_size(8192, 32000) == 696  # 3 x rows x V x 4 bytes ~ 256 MiB
+    assert auto_chunk_size(8192, 151936) == 144
     assert auto_chunk_size(5, 32000) == 5
     assert auto_chunk_size(10**6, 10**7) == 16  # at least a few rows
 
@@ -320,3 +320,34 @@ def test_bad_inputs_name_the_argument():
     # A frozen teacher head inside no_grad is fine.
     with torch.no_grad():
         fused_linear_kd_loss(h, w, th, _leaf(tw))
+
+
+def test_chunk_loss_seam():
+    """A different teacher kind plugs in as (teacher source, chunk loss): here a squared error on
+    the logits, checked against autograd on the materialised logits."""
+    from kdengine.llm.fused_linear import fused_linear_chunked
+
+    class Source:
+        def __init__(self, t):
+            self.t = t
+
+        def chunk(self, lo, hi, dtype):
+            return self.t[lo:hi].to(dtype)
+
+    seen = []
+
+    def mse_chunk(s, t, labels):
+        seen.append(s.shape[0])
+        d = s - t
+        return (d * d).sum(), 2 * d
+
+    h, w, b, th, tw, tb = _problem(11, 6, 9, 13)
+    t = th @ tw.t()
+    h1, w1, b1 = _leaf(h), _leaf(w), _leaf(b)
+    loss = fused_linear_chunked(h1, w1, b1, Source(t), mse_chunk, denom=11.0, chunk_size=4)
+    assert seen == [4, 4, 3]
+    h2, w2, b2 = _leaf(h), _leaf(w), _leaf(b)
+    ref = ((h2 @ w2.t() + b2 - t) ** 2).sum() / 11.0
+    torch.testing.assert_close(loss, ref)
+    for a, e in zip(_grads(loss, (h1, w1, b1)), _grads(ref, (h2, w2, b2))):
+        torch.testing.assert_close(a, e)
