@@ -351,3 +351,19 @@ def test_chunk_loss_seam():
     torch.testing.assert_close(loss, ref)
     for a, e in zip(_grads(loss, (h1, w1, b1)), _grads(ref, (h2, w2, b2))):
         torch.testing.assert_close(a, e)
+
+
+def test_llm_bench_suite_smoke(tmp_path):
+    """`kdengine bench --suite llm` machinery at a tiny size (no compile, no memory children)."""
+    from kdengine.bench import llm
+
+    rows = llm.run_llm_bench(size=dict(n=24, hs=8, ht=12, v=40), repeat=1, with_compile=False,
+                             with_memory=False)
+    impls = [r["impl"] for r in rows]
+    assert impls[:3] == [llm.FUSED, llm.MATERIALISED, llm.EAGER]
+    assert all(r["median_s"] > 0 for r in rows)
+    notes = llm.check_targets(rows)
+    assert any("not judged at this size" in n for n in notes)
+    assert llm.main(["--n", "24", "--hs", "8", "--ht", "12", "--v", "40", "--repeat", "1",
+                     "--no-compile", "--no-memory", "--no-liger", "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "llm.json").exists()

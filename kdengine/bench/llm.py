@@ -18,7 +18,7 @@ buffers leave the RSS), or ``torch.cuda.max_memory_allocated`` over the inputs (
 
 ``python -m kdengine.bench.llm [--quick] [--n N --hs HS --ht HT --v V] --out-dir DIR`` prints the
 table and writes ``DIR/llm.json`` (machine, versions, sizes, date). Nothing is written to
-benches/results/ unless ``--out-dir benches/results`` is given.
+benches/results/ unless ``--out-dir benches/results --write-committed-results`` is given.
 """
 from __future__ import annotations
 
@@ -270,11 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-liger", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out-dir", default=None, help="folder for llm.json (default: write nothing)")
+    ap.add_argument("--write-committed-results", action="store_true",
+                    help="allow --out-dir to be benches/results (the committed runs)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     base = dict(QUICK_SIZE if args.quick else FULL_SIZE)
     size = {k: (getattr(args, k) if getattr(args, k) is not None else base[k]) for k in base}
+    if args.out_dir and not args.write_committed_results:
+        committed = (Path(__file__).resolve().parents[2] / "benches" / "results").resolve()
+        target = Path(args.out_dir).resolve()
+        if target == committed or committed in target.parents:
+            ap.error(f"--out-dir {args.out_dir} is benches/results (committed runs); "
+                     "add --write-committed-results to write there")
     if args.child is not None:
         args.threads = args.threads or torch.get_num_threads()
         for k, v in size.items():
