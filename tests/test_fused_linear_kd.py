@@ -367,3 +367,18 @@ def test_llm_bench_suite_smoke(tmp_path):
     assert llm.main(["--n", "24", "--hs", "8", "--ht", "12", "--v", "40", "--repeat", "1",
                      "--no-compile", "--no-memory", "--no-liger", "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "llm.json").exists()
+
+
+def test_non_contiguous_hidden_and_tied_weight():
+    """A transposed hidden view and a head given as an embedding's .t() (tied weights)."""
+    h, w, b, th, tw, tb = _problem(9, 16, 5, 21)
+    h_nc = _leaf(h.t().contiguous()).t()  # non-contiguous (9, 16) view of a leaf
+    emb = _leaf(w.t().contiguous())  # (H, V) "embedding"; the head is emb.t()
+    loss = fused_linear_kd_loss(h_nc, emb.t(), th, tw, chunk_size=4, temperature=2.0)
+    h1, w1 = _leaf(h), _leaf(w)
+    ref = fused_linear_kd_reference(h1, w1, th, tw, cfg=_cfg(dict(temperature=2.0), False))
+    torch.testing.assert_close(loss, ref)
+    g_h, g_emb = torch.autograd.grad(loss, (h_nc, emb))
+    r_h, r_w = torch.autograd.grad(ref, (h1, w1))
+    torch.testing.assert_close(g_h, r_h)
+    torch.testing.assert_close(g_emb, r_w.t())
