@@ -24,7 +24,8 @@ Two objects make the loop teacher-agnostic; :class:`_Plan` holds them:
 
 * a *teacher source* with ``chunk(lo, hi, dtype) -> teacher_chunk`` (here: :class:`DenseTeacherHead`
   and :class:`DenseTeacherLogits`; ``teacher_chunk`` can be any object the chunk loss understands,
-  e.g. a (values, indices) pair);
+  e.g. a (values, indices) pair); an optional ``release()`` is called after each pass over
+  the rows to free per-call buffers;
 * a *chunk loss* ``(student_logits_chunk (c, V), teacher_chunk, labels_chunk (c,) | None) ->
   (loss_sum_chunk, grad_logits_chunk (c, V))``: ``loss_sum_chunk`` is a tensor of a fixed shape
   summed across chunks (0-dim normally; (3,) for the soft/hard split), or per row ``(c,)`` for
