@@ -279,8 +279,8 @@ def test_empty_batch():
 
 
 def test_auto_chunk_size():
-    assert auto_chunk_size(8192, 32000) == 696  # 3 x rows x V x 4 bytes ~ 256 MiB
-    assert auto_chunk_size(8192, 151936) == 144
+    assert auto_chunk_size(8192, 32000) == 1048  # 3 x rows x V x 4 bytes ~ 384 MiB
+    assert auto_chunk_size(8192, 151936) == 216
     assert auto_chunk_size(5, 32000) == 5
     assert auto_chunk_size(10**6, 10**7) == 16  # at least a few rows
 

@@ -43,9 +43,10 @@ accumulate in fp32 and are rounded once to the weight's dtype.
 
 Chunk size: by default ``rows = clamp(AUTO_CHUNK_BYTES / (3 * V * 4), 16, N)`` rounded down to a
 multiple of 8: the chunk's student logits, their gradient and the teacher logits (3 x rows x V x 4
-bytes) stay around 256 MiB (logits + gradient ~170 MiB): 696 rows at V = 32000, 144 at V = 151936.
+bytes) stay around 384 MiB (logits + gradient ~256 MiB): 1048 rows at V = 32000, 216 at V = 151936.
 Smaller chunks save memory but cost time on CPU: the teacher/student head GEMMs lose ~15% of their
-speed at ~350 rows against ~700 (Xeon, 2 threads, H = 1024/2048). Override with ``chunk_size=``.
+speed at ~350 rows and ~2.5% at ~700 against >= 1024 (Xeon, 2 threads, H = 1024/2048).
+Override with ``chunk_size=``.
 The two logits buffers are allocated once per call and reused by every chunk.
 
 The teacher is frozen: no gradient flows to teacher tensors, and a teacher tensor that requires
@@ -68,7 +69,7 @@ from kdengine.ops.kd_config import KDConfig, Reduction
 from kdengine.ops.kd_loss import make_config
 
 OP = "kd_loss"
-AUTO_CHUNK_BYTES = 256 << 20
+AUTO_CHUNK_BYTES = 384 << 20
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 TEACHER_VOCAB_CHOICES = ("strict", "truncate")
 
@@ -541,7 +542,7 @@ def fused_linear_kd_loss(
         num_items_in_batch: the normaliser of ``batchmean`` (``mean``: times V) instead of this
             call's non-ignored rows: pass the non-ignored rows of the whole accumulation step so
             that micro-batches sum to the gradient of one big batch (HF Trainer convention).
-        chunk_size: rows per chunk (default: automatic, ~256 MiB of chunk buffers).
+        chunk_size: rows per chunk (default: automatic, ~384 MiB of chunk buffers).
         teacher_vocab: ``"strict"`` (default): Vt must equal V; ``"truncate"``: a larger teacher
             vocabulary (padded heads, e.g. 152064 vs 151936) is cut to the student's first V
             entries before the softmax.
