@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 
-SUITES = ("kd", "binary", "spiking", "infer")
+SUITES = ("kd", "binary", "spiking", "infer", "llm")
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -61,6 +61,12 @@ def _bench(args: argparse.Namespace) -> int:
         kd_rows = kd.run_kd_bench(quick=args.quick, with_compile=not args.no_compile)
         rows += kd_rows
         notes += kd.check_targets(kd_rows)
+    if "llm" in suites:
+        from kdengine.bench import llm
+
+        llm_rows = llm.run_llm_bench(quick=args.quick, with_compile=not args.no_compile)
+        rows += llm_rows
+        notes += llm.check_targets(llm_rows)
     for name in ("binary", "spiking", "infer"):
         if name in suites:
             mod = importlib.import_module(f"kdengine.bench.{name}")
