@@ -1,0 +1,1 @@
+"""LLM-scale distillation: top-k sparse teachers, offline teacher caches."""

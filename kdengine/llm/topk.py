@@ -1,0 +1,556 @@
+"""Top-k sparse-teacher distillation loss: the teacher given as (..., k) indices + log-probs.
+
+This is what offline teacher caches store (:mod:`kdengine.llm.teacher_cache`): per token the
+teacher's k most likely tokens and their log-probabilities, instead of the full V logits.
+
+Temperature
+-----------
+``topk_logprobs`` are the teacher's log-probabilities **at the loss temperature T**, i.e. the
+top-k entries of ``log_softmax(teacher_logits / T)`` (a cache built with
+``build_teacher_cache(..., temperature=T)`` stores exactly that and records T). The student side
+is ``log p = log_softmax(student_logits / T)`` over all V. Log-probs stored at another
+temperature T0 can be re-tempered with :func:`retemper_topk`: ``l' = l T0 / T`` renormalised over
+the k known entries. That is exact for ``missing_mass='renormalize'`` only (the missing mass at
+the new temperature is not recoverable from k entries), so it returns mass-1 rows.
+
+Missing mass (t_j = exp(l_j), m = sum_j t_j <= 1, K = the k indices, P_j = p_{K_j})
+-------------------------------------------------------------------------------------
+* ``'renormalize'`` (default): the teacher is q = t / m on K and 0 elsewhere.
+  Forward KL: D = sum_j q_j (l_j - log m - log P_j).  Reverse KL is infinite wherever the
+  student has mass off K, so ``renormalize`` + ``reverse_kl`` is a ValueError.
+* ``'tail'`` (ghost bucket): k + 1 buckets, teacher (t, 1 - m), student (P, R) with
+  R = sum_{i not in K} p_i (computed as that sum, not as 1 - sum P).
+  Forward KL: D = sum_j t_j (l_j - log P_j) + (1 - m) (log(1 - m) - log R);
+  reverse KL: D = sum_j P_j (log P_j - l_j) + R (log R - log(1 - m)).
+  This equals the dense KL against the teacher that spreads its tail over the other tokens in
+  proportion to the student (q_i = (1 - m) p_i / R), which is what the gradients below use.
+* ``'uniform'``: the teacher is t on K and u = (1 - m) / (V - k) on each other token.
+  Forward KL: D = sum_j t_j (l_j - log P_j) + (1 - m) log u - u sum_{i not in K} log p_i;
+  reverse KL: D = sum_j P_j (log P_j - l_j) + sum_{i not in K} p_i log p_i - R log u.
+
+``1 - m`` is clamped at 0 (rounding of m). When k = V there is no missing token: the tail bucket
+and u are 0 whatever rounding left in 1 - m, so every rule gives the dense
+:func:`kdengine.kd_loss` (with m = 1 the rules coincide). Terms with zero probability contribute
+0 (0 log 0 = 0); a teacher entry of zero probability is a log-prob of ``-inf``.
+
+Loss per row: L_r = w_r (alpha CE_r + (1 - alpha) c D_r), c = T^2 if ``scale_t2`` else 1, CE_r the
+hard-label cross-entropy at T = 1 with label smoothing, w_r = 0 on ``ignore_index`` rows; the
+reductions are those of :func:`kdengine.kd_loss` (``mean`` divides by count * V).
+
+Gradient (w.r.t. a = student / T, of D): forward KL: W p - w with w the effective dense teacher
+(w_K = q or t; off K: 0, (1 - m) p_i / R or u) and W = sum w; reverse KL: p_i (log p_i - log w_i - D).
+The student-side gradient is dense in V (every logit moves the softmax), so the cost is one
+logsumexp pass over the student plus one pass writing the gradient; the teacher side is N x k.
+
+Teacher log-probs get no gradient (they are data). Double backward is not supported (a clear
+RuntimeError at the ``create_graph=True`` backward).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "TopKConfig",
+    "TopKKDLoss",
+    "topk_kd_loss",
+    "topk_kd_rows",
+    "make_topk_config",
+    "retemper_topk",
+    "MISSING_MASS_RULES",
+    "TOPK_DIVERGENCES",
+]
+
+MISSING_MASS_RULES = ("renormalize", "tail", "uniform")
+TOPK_DIVERGENCES = ("forward_kl", "reverse_kl")
+_REDUCTIONS = ("none", "sum", "batchmean", "mean")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8, torch.uint16,
+               torch.uint32)
+
+
+@dataclass(frozen=True)
+class TopKConfig:
+    """Validated settings of one top-k KD call (shared by :func:`topk_kd_rows` and the loss)."""
+
+    temperature: float = 1.0
+    scale_t2: bool = True
+    divergence: str = "forward_kl"
+    missing_mass: str = "renormalize"
+    hard_weight: float = 0.0
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+
+    @property
+    def kd_coef(self) -> float:
+        c = self.temperature ** 2 if self.scale_t2 else 1.0
+        return c * (1.0 - self.hard_weight)
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def make_topk_config(temperature: object = 1.0, *, divergence: str = "forward_kl",
+                     missing_mass: str = "renormalize", scale_t2: bool = True,
+                     hard_weight: object = None, has_labels: bool = False,
+                     ignore_index: int = -100, label_smoothing: object = 0.0) -> TopKConfig:
+    """Validate the settings (the same rules as :func:`kdengine.kd_loss`) into a TopKConfig."""
+    t = _real("temperature", temperature)
+    if not (t > 0) or math.isinf(t):
+        raise ValueError(f"temperature must be a finite number > 0 for the top-k loss, got {t}")
+    if not isinstance(scale_t2, bool):
+        raise TypeError(f"scale_t2 must be a bool, got {type(scale_t2).__name__}")
+    if divergence == "kl":
+        divergence = "forward_kl"
+    if divergence not in TOPK_DIVERGENCES:
+        raise ValueError(
+            f"divergence must be one of {list(TOPK_DIVERGENCES)} for the top-k loss, got {divergence!r}"
+        )
+    if missing_mass not in MISSING_MASS_RULES:
+        raise ValueError(f"missing_mass must be one of {list(MISSING_MASS_RULES)}, got {missing_mass!r}")
+    if divergence == "reverse_kl" and missing_mass == "renormalize":
+        raise ValueError(
+            "divergence='reverse_kl' with missing_mass='renormalize' is infinite: the renormalised "
+            "teacher is 0 off its top-k tokens wherever the student has mass; use "
+            "missing_mass='tail' or 'uniform' for reverse KL"
+        )
+    alpha = (0.5 if has_labels else 0.0) if hard_weight is None else _real("hard_weight", hard_weight)
+    if not (0.0 <= alpha <= 1.0):
+        raise ValueError(f"hard_weight must be in [0, 1], got {alpha}")
+    if alpha > 0.0 and not has_labels:
+        raise ValueError(f"hard_weight={alpha} needs labels=; pass labels or hard_weight=0")
+    eps = _real("label_smoothing", label_smoothing)
+    if not (0.0 <= eps < 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1), got {eps}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return TopKConfig(t, scale_t2, divergence, missing_mass, alpha, int(ignore_index), eps)
+
+
+def retemper_topk(logprobs: Tensor, from_temperature: float, to_temperature: float) -> Tensor:
+    """Top-k log-probs at ``from_temperature`` -> at ``to_temperature``, renormalised over the k
+    entries (l' = l T0/T - logsumexp(l T0/T)). Exact for ``missing_mass='renormalize'`` only."""
+    f, t = float(from_temperature), float(to_temperature)
+    if not (f > 0 and t > 0) or math.isinf(f) or math.isinf(t):
+        raise ValueError(f"temperatures must be finite and > 0, got {f} and {t}")
+    x = logprobs.float() * (f / t) if logprobs.dtype != torch.float64 else logprobs * (f / t)
+    return (x - torch.logsumexp(x, dim=-1, keepdim=True)).to(logprobs.dtype)
+
+
+# --------------------------------------------------------------------------- the math
+
+
+def _mass_tol(dtype: torch.dtype) -> float:
+    # bf16/fp16 log-probs (what caches store) carry ~2^-9 relative error each.
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
+
+
+def _nz(w: Tensor, x: Tensor) -> Tensor:
+    """x where the weight w is not 0, else 0 (0 log 0 = 0); NaN weights keep x, so NaN propagates."""
+    return torch.where(w == 0, torch.zeros_like(x), x)
+
+
+def _rows(student: Tensor, indices: Tensor, logprobs: Tensor, cfg: TopKConfig,
+          labels: Optional[Tensor], need_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-row losses (n,) in the math dtype and the gradient of their sum (n, V) in the math
+    dtype (or None). student (n, V), indices (n, k) int64, logprobs (n, k), labels (n,) or None."""
+    dt = torch.float64 if student.dtype == torch.float64 else torch.float32
+    n, v = student.shape
+    k = indices.shape[-1]
+    full = k == v  # distinct indices: every token is known, nothing is missing
+    temp = cfg.temperature
+    alpha = cfg.hard_weight
+    coef = cfg.kd_coef
+
+    keep = None
+    if labels is not None:
+        keep = labels != cfg.ignore_index
+        if not bool(keep.all()):
+            # Ignored rows drop out: zero inputs so NaN/inf there cannot leak in.
+            student = torch.where(keep.unsqueeze(-1), student, torch.zeros((), dtype=student.dtype))
+            logprobs = torch.where(keep.unsqueeze(-1), logprobs, torch.zeros((), dtype=logprobs.dtype))
+        else:
+            keep = None
+
+    rows = torch.zeros(n, dtype=dt)
+    grad: Optional[Tensor] = None
+
+    if alpha < 1.0:
+        a = student.to(dt) if temp == 1.0 else student.to(dt) / temp
+        lse = torch.logsumexp(a, dim=-1, keepdim=True)  # (n, 1)
+        a_k = a.gather(-1, indices)
+        logP = a_k - lse  # (n, k)
+        P = logP.exp()
+        l = logprobs.to(dt)
+        t = l.exp()
+        m = t.sum(-1, keepdim=True)
+        rule = cfg.missing_mass
+        forward = cfg.divergence == "forward_kl"
+        missing = torch.zeros_like(m) if full else torch.clamp(1.0 - m, min=0.0)
+
+        # R = mass of the student off K, as the sum of those probabilities (no cancellation).
+        p = None
+        R = None
+        if need_grad or rule == "tail" or (rule == "uniform" and not forward):
+            p = (a - lse).exp_()
+            if full:
+                R = torch.zeros_like(m)
+            elif rule != "renormalize" or not forward:
+                p.scatter_(-1, indices, 0.0)
+                R = p.sum(-1, keepdim=True)
+        if need_grad:
+            assert p is not None
+            gd = p  # reuse: off-K entries hold p_i; the K entries are overwritten below
+
+        if forward:
+            if rule == "renormalize":
+                q = t / m
+                d = _nz(q, q * (l - m.log() - logP)).sum(-1)
+                if need_grad:
+                    # off K: p_i; on K: P_j - q_j
+                    gd.scatter_(-1, indices, P - q)
+            else:
+                d = _nz(t, t * (l - logP)).sum(-1)
+                if rule == "tail":
+                    d = d + _nz(missing, missing * (missing.log() - R.log())).squeeze(-1)
+                    if need_grad:
+                        W = m + missing
+                        ratio = _nz(missing, missing / R)
+                        gd.mul_(W - ratio)
+                        gd.scatter_(-1, indices, P * W - t)
+                else:  # uniform
+                    u = missing / (v - k) if not full else torch.zeros_like(m)
+                    sum_off_logp = None
+                    if not full:
+                        a64 = a.to(torch.float64)
+                        sum_off_a = a64.sum(-1, keepdim=True) - a_k.to(torch.float64).sum(-1, keepdim=True)
+                        sum_off_logp = (sum_off_a - (v - k) * lse.to(torch.float64)).to(dt)
+                        d = d + _nz(u, missing * u.log() - u * sum_off_logp).squeeze(-1)
+                    if need_grad:
+                        W = m + missing
+                        gd.mul_(W).sub_(u)
+                        gd.scatter_(-1, indices, P * W - t)
+        else:  # reverse KL (tail or uniform)
+            d = _nz(P, P * (logP - l)).sum(-1)
+            if rule == "tail":
+                gtail = _nz(R, R.log() - missing.log())
+                d = d + _nz(R, R * gtail).squeeze(-1)
+                if need_grad:
+                    D = d.unsqueeze(-1)
+                    gd.mul_(gtail - D)
+                    gd.scatter_(-1, indices, _nz(P, P * (logP - l - D)))
+            else:  # uniform
+                u = missing / (v - k) if not full else torch.ones_like(m)
+                logu = u.log()
+                if not full:
+                    # p holds p_i off K and 0 on K
+                    logp_full = a - lse
+                    plogp = _nz(p, p * logp_full).sum(-1, keepdim=True)
+                    d = d + (plogp - _nz(R, R * logu)).squeeze(-1)
+                    if need_grad:
+                        D = d.unsqueeze(-1)
+                        gd = _nz(p, p * (logp_full - logu - D))
+                else:
+                    D = d.unsqueeze(-1)
+                    if need_grad:
+                        gd.zero_()
+                if need_grad:
+                    gd.scatter_(-1, indices, _nz(P, P * (logP - l - D)))
+        rows = rows + (1.0 - cfg.hard_weight) * (temp * temp if cfg.scale_t2 else 1.0) * d
+        if need_grad:
+            grad = gd.mul_(coef / temp)
+
+    if alpha > 0.0:
+        assert labels is not None
+        s1 = student.to(dt)
+        lse1 = torch.logsumexp(s1, dim=-1, keepdim=True)
+        safe = torch.where(labels == cfg.ignore_index, torch.zeros_like(labels), labels).unsqueeze(-1)
+        nll = (lse1 - s1.gather(-1, safe)).squeeze(-1)
+        eps = cfg.label_smoothing
+        ce = nll
+        if eps:
+            mean_logq = (s1.to(torch.float64).mean(-1) - lse1.squeeze(-1).to(torch.float64)).to(dt)
+            ce = (1.0 - eps) * nll - eps * mean_logq
+        rows = rows + alpha * ce
+        if need_grad:
+            g1 = (s1 - lse1).exp_()
+            if eps:
+                g1.sub_(eps / v)
+            g1.scatter_add_(-1, safe, torch.full_like(nll, -(1.0 - eps)).unsqueeze(-1))
+            grad = g1.mul_(alpha) if grad is None else grad.add_(g1, alpha=alpha)
+
+    if keep is not None:
+        rows = torch.where(keep, rows, torch.zeros_like(rows))
+        if grad is not None:
+            grad = torch.where(keep.unsqueeze(-1), grad, torch.zeros((), dtype=dt))
+    if need_grad and grad is None:
+        grad = torch.zeros(n, v, dtype=dt)
+    return rows, grad
+
+
+def topk_kd_rows(student: Tensor, indices: Tensor, logprobs: Tensor, cfg: TopKConfig,
+                 labels: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """One chunk of rows, for fused-linear paths: no validation, no autograd.
+
+    Args:
+        student: (n, V) contiguous logits (any float dtype).
+        indices: (n, k) int64, distinct per row, in [0, V).
+        logprobs: (n, k) float32 teacher log-probs at ``cfg.temperature``.
+        cfg: a :class:`TopKConfig` (from :func:`make_topk_config`).
+        labels: (n,) int64 or None (needed when ``cfg.hard_weight > 0``; rows equal to
+            ``cfg.ignore_index`` get loss 0 and gradient 0).
+
+    Returns:
+        (per-row loss (n,) float32, gradient of the SUM of the row losses w.r.t. ``student``
+        (n, V) in ``student``'s dtype). float64 students give a float64 loss.
+    """
+    rows, grad = _rows(student, indices, logprobs, cfg, labels, need_grad=True)
+    assert grad is not None
+    loss_dt = torch.float64 if student.dtype == torch.float64 else torch.float32
+    return rows.to(loss_dt), grad.to(student.dtype)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validate(student: object, indices: object, logprobs: object, labels: object,
+              ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    if not isinstance(student, Tensor):
+        raise TypeError(f"student_logits must be a torch.Tensor, got {type(student).__name__}")
+    if student.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"student_logits must be a floating tensor, got dtype {student.dtype}")
+    if student.dim() < 1 or student.shape[-1] == 0:
+        raise ValueError(
+            f"student_logits must have shape (..., V) with V >= 1, got {tuple(student.shape)}"
+        )
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"topk_indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype not in _INT_DTYPES:
+        raise TypeError(f"topk_indices must be an integer tensor, got dtype {indices.dtype}")
+    if not isinstance(logprobs, Tensor):
+        raise TypeError(f"topk_logprobs must be a torch.Tensor, got {type(logprobs).__name__}")
+    if logprobs.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"topk_logprobs must be a floating tensor, got dtype {logprobs.dtype}")
+    v = student.shape[-1]
+    lead = tuple(student.shape[:-1])
+    if indices.dim() != student.dim() or tuple(indices.shape[:-1]) != lead:
+        raise ValueError(
+            f"topk_indices must have shape {lead + ('k',)} (student_logits' leading dims + k), "
+            f"got {tuple(indices.shape)}"
+        )
+    if tuple(logprobs.shape) != tuple(indices.shape):
+        raise ValueError(
+            f"topk_logprobs must have the shape of topk_indices {tuple(indices.shape)}, "
+            f"got {tuple(logprobs.shape)}"
+        )
+    k = indices.shape[-1]
+    if k == 0 or k > v:
+        raise ValueError(f"topk_indices must have 1 <= k <= V = {v} entries per row, got k = {k}")
+    for name, x in (("topk_indices", indices), ("topk_logprobs", logprobs)):
+        if x.device != student.device:
+            raise ValueError(f"{name} is on {x.device} but student_logits on {student.device}")
+    idx = indices.to(torch.int64)
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= v:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"topk_indices must be in [0, {v}) (V of student_logits); found {bad}")
+        if k > 1:
+            srt = idx.sort(dim=-1).values
+            if bool((srt[..., 1:] == srt[..., :-1]).any()):
+                raise ValueError("topk_indices has a repeated index within a row; top-k indices must be distinct")
+        tol = _mass_tol(logprobs.dtype)
+        lp = logprobs.detach()
+        if bool((lp > tol).any()):
+            raise ValueError(
+                f"topk_logprobs must be log-probabilities (<= 0); found {float(lp.max())}"
+            )
+        mass = lp.to(torch.float64).exp().sum(-1)
+        if bool((mass > 1.0 + tol).any()):
+            raise ValueError(
+                f"topk_logprobs: the k probabilities of a row sum to {float(mass.max())} > 1; "
+                "they must be the teacher's log-probabilities of k distinct tokens"
+            )
+    lab = None
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.dtype not in _INT_DTYPES:
+            raise TypeError("labels must be an integer torch.Tensor of class indices")
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"labels must have shape {lead}, got {tuple(labels.shape)}")
+        lab = labels.to(torch.int64)
+        bad = (lab != ignore_index) & ((lab < 0) | (lab >= v))
+        if bool(bad.any()):
+            raise ValueError(
+                f"labels must be in [0, {v}) or equal ignore_index={ignore_index}; found {int(lab[bad][0])}"
+            )
+    return student, idx, logprobs, lab
+
+
+def _check_zero_mass(logprobs: Tensor, labels: Optional[Tensor], cfg: TopKConfig) -> None:
+    if cfg.missing_mass != "renormalize" or cfg.hard_weight >= 1.0 or logprobs.numel() == 0:
+        return
+    zero = torch.isneginf(logprobs).all(-1)
+    if labels is not None:
+        zero = zero & (labels != cfg.ignore_index)
+    if bool(zero.any()):
+        raise ValueError(
+            "topk_logprobs: a row has all its log-probs at -inf (known mass 0), which "
+            "missing_mass='renormalize' cannot renormalise; use 'tail' or 'uniform'"
+        )
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class _TopKKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, indices, logprobs, labels, cfg, reduction):
+        need = bool(ctx.needs_input_grad[0])
+        rows, grad = _rows(student, indices, logprobs, cfg, labels, need_grad=need)
+        n, v = student.shape
+        if labels is not None:
+            count = float((labels != cfg.ignore_index).sum())
+        else:
+            count = float(n)
+        if reduction == "none":
+            scale = 1.0
+            out = rows
+        else:
+            scale = 1.0 if reduction == "sum" else 1.0 / (max(count, 1.0) * (v if reduction == "mean" else 1))
+            out = rows.sum() * scale
+        if need:
+            if scale != 1.0:
+                grad.mul_(scale)
+            ctx.save_for_backward(grad.to(student.dtype) if grad.dtype != student.dtype else grad)
+        ctx.reduction = reduction
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "topk_kd_loss does not support double backward (create_graph=True): its backward "
+                "is a saved analytic gradient, which cannot be differentiated again"
+            )
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            gs = grad * g.to(grad.dtype).unsqueeze(-1)
+        elif float(g) == 1.0:
+            gs = grad
+        else:
+            gs = grad * g.to(grad.dtype)
+        return gs, None, None, None, None, None
+
+
+def topk_kd_loss(
+    student_logits: Tensor,
+    topk_indices: Tensor,
+    topk_logprobs: Tensor,
+    temperature: float = 1.0,
+    *,
+    divergence: str = "forward_kl",
+    missing_mass: str = "renormalize",
+    reduction: str = "batchmean",
+    scale_t2: bool = True,
+    labels: Optional[Tensor] = None,
+    hard_weight: Optional[float] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """KD loss against a top-k sparse teacher (see the module docstring for the formulas).
+
+    Args:
+        student_logits: ``(..., V)`` raw student logits.
+        topk_indices: ``(..., k)`` integer token ids of the teacher's top-k, distinct per row,
+            in ``[0, V)``; 1 <= k <= V.
+        topk_logprobs: ``(..., k)`` the teacher's log-probabilities of those tokens at
+            ``temperature`` (``-inf`` for zero probability); their probabilities sum to <= 1.
+        temperature: T > 0 (finite).
+        divergence: ``"forward_kl"`` (KL(teacher || student)) or ``"reverse_kl"``.
+        missing_mass: ``"renormalize"``, ``"tail"`` or ``"uniform"``.
+        reduction, scale_t2, labels, hard_weight, ignore_index, label_smoothing: as in
+            :func:`kdengine.kd_loss`.
+        backend: None / ``"auto"`` / ``"torch"`` (vectorised torch, analytic gradient) or
+            ``"reference"`` (the float64 autograd oracle, slow).
+
+    Returns:
+        The loss in the student's dtype (float32/float64 math inside).
+    """
+    if backend not in (None, "auto", "torch", "reference"):
+        raise ValueError(f"backend must be None, 'auto', 'torch' or 'reference' for topk_kd_loss, got {backend!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
+    cfg = make_topk_config(
+        temperature, divergence=divergence, missing_mass=missing_mass, scale_t2=scale_t2,
+        hard_weight=hard_weight, has_labels=labels is not None, ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )
+    s, idx, lp, lab = _validate(student_logits, topk_indices, topk_logprobs, labels, cfg.ignore_index)
+    lead = s.shape[:-1]
+    v, k = s.shape[-1], idx.shape[-1]
+    s2 = s.reshape(-1, v).contiguous()
+    idx2 = idx.reshape(-1, k).contiguous()
+    lp2 = lp.detach().reshape(-1, k).contiguous()
+    lab2 = lab.reshape(-1).contiguous() if lab is not None else None
+    _check_zero_mass(lp2, lab2, cfg)
+    if backend == "reference":
+        from kdengine.reference.topk_kd import topk_kd_loss_reference
+
+        loss = topk_kd_loss_reference(s2, idx2, lp2, lab2, cfg, reduction)
+    else:
+        loss = _TopKKD.apply(s2, idx2, lp2, lab2, cfg, reduction)
+    if reduction == "none":
+        loss = loss.reshape(lead)
+    return loss.to(s.dtype)
+
+
+class TopKKDLoss(nn.Module):
+    """Module form of :func:`topk_kd_loss`: ``loss(student_logits, topk_indices, topk_logprobs,
+    labels=None)``."""
+
+    def __init__(self, temperature: float = 1.0, *, divergence: str = "forward_kl",
+                 missing_mass: str = "renormalize", reduction: str = "batchmean",
+                 scale_t2: bool = True, hard_weight: Optional[float] = None,
+                 ignore_index: int = -100, label_smoothing: float = 0.0,
+                 backend: Optional[str] = None) -> None:
+        super().__init__()
+        # Validate now so a bad setting fails at construction.
+        make_topk_config(temperature, divergence=divergence, missing_mass=missing_mass,
+                         scale_t2=scale_t2, hard_weight=0.0 if hard_weight is None else hard_weight,
+                         has_labels=True, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        self.temperature = temperature
+        self.divergence = divergence
+        self.missing_mass = missing_mass
+        self.reduction = reduction
+        self.scale_t2 = scale_t2
+        self.hard_weight = hard_weight
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.backend = backend
+
+    def forward(self, student_logits: Tensor, topk_indices: Tensor, topk_logprobs: Tensor,
+                labels: Optional[Tensor] = None) -> Tensor:
+        return topk_kd_loss(
+            student_logits, topk_indices, topk_logprobs, self.temperature,
+            divergence=self.divergence, missing_mass=self.missing_mass, reduction=self.reduction,
+            scale_t2=self.scale_t2, labels=labels, hard_weight=self.hard_weight,
+            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, divergence={self.divergence!r}, "
+                f"missing_mass={self.missing_mass!r}, reduction={self.reduction!r}")
