@@ -189,9 +189,15 @@ def _rows(student: Tensor, indices: Tensor, logprobs: Tensor, cfg: TopKConfig,
 
     if alpha < 1.0:
         a = student.to(dt) if temp == 1.0 else student.to(dt) / temp
-        lse = torch.logsumexp(a, dim=-1, keepdim=True)  # (n, 1)
-        a_k = a.gather(-1, indices)
-        logP = a_k - lse  # (n, k)
+        # log_softmax is one fused pass in torch (logsumexp is four); the gradient reuses it.
+        logp = torch.log_softmax(a, dim=-1)
+        del a
+        logP = logp.gather(-1, indices)  # (n, k)
+        if cfg.missing_mass == "uniform" and cfg.divergence == "forward_kl" and not full:
+            # before logp is exponentiated in place; float64: the terms (|log p| ~ |logits| / T)
+            # are large and get subtracted
+            sum_off_logp = (logp.sum(-1, keepdim=True, dtype=torch.float64)
+                            - logP.sum(-1, keepdim=True, dtype=torch.float64)).to(dt)
         P = logP.exp()
         l = logprobs.to(dt)
         t = l.exp()
@@ -204,7 +210,8 @@ def _rows(student: Tensor, indices: Tensor, logprobs: Tensor, cfg: TopKConfig,
         p = None
         R = None
         if need_grad or rule == "tail" or (rule == "uniform" and not forward):
-            p = (a - lse).exp_()
+            # reverse uniform needs log p next to p; everything else exponentiates in place
+            p = logp.exp() if (rule == "uniform" and not forward) else logp.exp_()
             if full:
                 R = torch.zeros_like(m)
             elif rule != "renormalize" or not forward:
@@ -232,11 +239,7 @@ def _rows(student: Tensor, indices: Tensor, logprobs: Tensor, cfg: TopKConfig,
                         gd.scatter_(-1, indices, P * W - t)
                 else:  # uniform
                     u = missing / (v - k) if not full else torch.zeros_like(m)
-                    sum_off_logp = None
                     if not full:
-                        a64 = a.to(torch.float64)
-                        sum_off_a = a64.sum(-1, keepdim=True) - a_k.to(torch.float64).sum(-1, keepdim=True)
-                        sum_off_logp = (sum_off_a - (v - k) * lse.to(torch.float64)).to(dt)
                         d = d + _nz(u, missing * u.log() - u * sum_off_logp).squeeze(-1)
                     if need_grad:
                         W = m + missing
@@ -256,7 +259,7 @@ def _rows(student: Tensor, indices: Tensor, logprobs: Tensor, cfg: TopKConfig,
                 logu = u.log()
                 if not full:
                     # p holds p_i off K and 0 on K
-                    logp_full = a - lse
+                    logp_full = logp
                     plogp = _nz(p, p * logp_full).sum(-1, keepdim=True)
                     d = d + (plogp - _nz(R, R * logu)).squeeze(-1)
                     if need_grad:
