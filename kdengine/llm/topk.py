@@ -162,8 +162,137 @@ def _nz(w: Tensor, x: Tensor) -> Tensor:
     return torch.where(w == 0, torch.zeros_like(x), x)
 
 
+def _native_ok(student: Tensor, use_native: Optional[bool]) -> bool:
+    """The C++ student side (kdengine/csrc/cpu/topk_kd.cpp) serves float32 CPU rows."""
+    if use_native is False or student.dtype != torch.float32 or student.device.type != "cpu":
+        return False
+    from kdengine import _native
+
+    ok = _native.has_op("cpu", "topk_student_stats")
+    if use_native and not ok:
+        raise RuntimeError(
+            "backend='cpu' for topk_kd_loss needs the native CPU extension: "
+            f"{_native.status('cpu').reason}"
+        )
+    return ok
+
+
+def _terms(logP: Tensor, l: Tensor, t: Tensor, m: Tensor, missing: Tensor, R: Optional[Tensor],
+           sum_off_logp: Optional[Tensor], v: int, k: int, full: bool, cfg: TopKConfig):
+    """The divergence per row and its gradient w.r.t. a = student / T in the form
+    off K: c1 p_i + c0 (per-row c1, c0 of shape (n, 1)); on K: kv (n, k).
+    (Reverse KL + uniform with k < V is not of that form: handled by _rows_torch.)"""
+    P = logP.exp()
+    zero = torch.zeros_like(m)
+    if cfg.divergence == "forward_kl":
+        if cfg.missing_mass == "renormalize":
+            q = t / m
+            d = _nz(q, q * (l - m.log() - logP)).sum(-1)
+            return d, torch.ones_like(m), zero, P - q
+        d = _nz(t, t * (l - logP)).sum(-1)
+        W = m + missing
+        if cfg.missing_mass == "tail":
+            d = d + _nz(missing, missing * (missing.log() - R.log())).squeeze(-1)
+            return d, W - _nz(missing, missing / R), zero, P * W - t
+        u = missing / (v - k) if not full else zero
+        if not full:
+            d = d + _nz(u, missing * u.log() - u * sum_off_logp).squeeze(-1)
+        return d, W, -u, P * W - t
+    d = _nz(P, P * (logP - l)).sum(-1)
+    if cfg.missing_mass == "tail":
+        gtail = _nz(R, R.log() - missing.log())
+        d = d + _nz(R, R * gtail).squeeze(-1)
+        D = d.unsqueeze(-1)
+        return d, gtail - D, zero, _nz(P, P * (logP - l - D))
+    assert full  # reverse + uniform with k = V: nothing off K
+    D = d.unsqueeze(-1)
+    return d, zero, zero, _nz(P, P * (logP - l - D))
+
+
+def _rows_native(student, indices, l, t, m, missing, cfg, full, need_grad, scale):
+    from kdengine import _native
+
+    ops = _native.ops("cpu")
+    n, v = student.shape
+    k = indices.shape[-1]
+    inv_t = 1.0 / cfg.temperature
+    x = student.contiguous()
+    need_rest = not full and (cfg.missing_mass != "renormalize" or cfg.divergence != "forward_kl")
+    rowmax, logsum, logrest, sumx = ops.topk_student_stats(x, indices, inv_t, need_rest)
+    xk = x.gather(-1, indices).double()
+    rm = rowmax.double().unsqueeze(-1)
+    ls = logsum.unsqueeze(-1)
+    logP = ((xk - rm) * inv_t - ls).float()
+    R = None
+    if need_rest:
+        R = logrest.exp().float().unsqueeze(-1)
+    elif full:
+        R = torch.zeros_like(m)
+    sum_off_logp = None
+    if cfg.missing_mass == "uniform" and not full:
+        lse = rm * inv_t + ls
+        sum_off_logp = ((sumx.unsqueeze(-1) - xk.sum(-1, keepdim=True)) * inv_t - (v - k) * lse).float()
+    d, c1, c0, kv = _terms(logP, l, t, m, missing, R, sum_off_logp, v, k, full, cfg)
+    grad = None
+    if need_grad:
+        c1 = (c1 * scale).float().expand(n, 1).reshape(n).contiguous()
+        c0 = (c0 * scale).float().expand(n, 1).reshape(n).contiguous()
+        grad = ops.topk_student_grad(x, rowmax, logsum, c1, c0, inv_t)
+        grad.scatter_(-1, indices, (kv * scale).float())
+    return d, grad
+
+
+def _rows_torch(student, indices, l, t, m, missing, cfg, full, need_grad, scale, dt):
+    n, v = student.shape
+    k = indices.shape[-1]
+    rule = cfg.missing_mass
+    forward = cfg.divergence == "forward_kl"
+    a = student.to(dt) if cfg.temperature == 1.0 else student.to(dt) / cfg.temperature
+    # log_softmax is one fused pass in torch (logsumexp is four); the gradient reuses it.
+    logp = torch.log_softmax(a, dim=-1)
+    del a
+    logP = logp.gather(-1, indices)  # (n, k)
+    sum_off_logp = None
+    if rule == "uniform" and forward and not full:
+        # before logp is exponentiated in place; float64: the terms (|log p| ~ |logits| / T)
+        # are large and get subtracted
+        sum_off_logp = (logp.sum(-1, keepdim=True, dtype=torch.float64)
+                        - logP.sum(-1, keepdim=True, dtype=torch.float64)).to(dt)
+    # R = mass of the student off K, as the sum of those probabilities (no cancellation).
+    p = R = None
+    if need_grad or rule == "tail" or (rule == "uniform" and not forward):
+        # reverse uniform needs log p next to p; everything else exponentiates in place
+        p = logp.exp() if (rule == "uniform" and not forward) else logp.exp_()
+        if full:
+            R = torch.zeros_like(m)
+        elif rule != "renormalize" or not forward:
+            p.scatter_(-1, indices, 0.0)  # p now holds p_i off K, 0 on K
+            R = p.sum(-1, keepdim=True)
+    if rule == "uniform" and not forward and not full:
+        P = logP.exp()
+        logu = (missing / (v - k)).log()
+        d = _nz(P, P * (logP - l)).sum(-1)
+        plogp = _nz(p, p * logp).sum(-1, keepdim=True)
+        d = d + (plogp - _nz(R, R * logu)).squeeze(-1)
+        if not need_grad:
+            return d, None
+        D = d.unsqueeze(-1)
+        gd = _nz(p, p * (logp - logu - D))
+        gd.scatter_(-1, indices, _nz(P, P * (logP - l - D)))
+        return d, gd.mul_(scale)
+    d, c1, c0, kv = _terms(logP, l, t, m, missing, R, sum_off_logp, v, k, full, cfg)
+    if not need_grad:
+        return d, None
+    gd = p.mul_(c1 * scale)
+    if rule == "uniform":
+        gd.add_(c0 * scale)
+    gd.scatter_(-1, indices, kv * scale)
+    return d, gd
+
+
 def _rows(student: Tensor, indices: Tensor, logprobs: Tensor, cfg: TopKConfig,
-          labels: Optional[Tensor], need_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+          labels: Optional[Tensor], need_grad: bool,
+          use_native: Optional[bool] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Per-row losses (n,) in the math dtype and the gradient of their sum (n, V) in the math
     dtype (or None). student (n, V), indices (n, k) int64, logprobs (n, k), labels (n,) or None."""
     dt = torch.float64 if student.dtype == torch.float64 else torch.float32
@@ -184,111 +313,40 @@ def _rows(student: Tensor, indices: Tensor, logprobs: Tensor, cfg: TopKConfig,
         else:
             keep = None
 
-    rows = torch.zeros(n, dtype=dt)
+    rows = torch.zeros(n, dtype=dt, device=student.device)
     grad: Optional[Tensor] = None
 
     if alpha < 1.0:
-        a = student.to(dt) if temp == 1.0 else student.to(dt) / temp
-        # log_softmax is one fused pass in torch (logsumexp is four); the gradient reuses it.
-        logp = torch.log_softmax(a, dim=-1)
-        del a
-        logP = logp.gather(-1, indices)  # (n, k)
-        if cfg.missing_mass == "uniform" and cfg.divergence == "forward_kl" and not full:
-            # before logp is exponentiated in place; float64: the terms (|log p| ~ |logits| / T)
-            # are large and get subtracted
-            sum_off_logp = (logp.sum(-1, keepdim=True, dtype=torch.float64)
-                            - logP.sum(-1, keepdim=True, dtype=torch.float64)).to(dt)
-        P = logP.exp()
-        l = logprobs.to(dt)
-        t = l.exp()
-        m = t.sum(-1, keepdim=True)
         rule = cfg.missing_mass
         forward = cfg.divergence == "forward_kl"
-        missing = torch.zeros_like(m) if full else torch.clamp(1.0 - m, min=0.0)
-
-        # R = mass of the student off K, as the sum of those probabilities (no cancellation).
-        p = None
-        R = None
-        if need_grad or rule == "tail" or (rule == "uniform" and not forward):
-            # reverse uniform needs log p next to p; everything else exponentiates in place
-            p = logp.exp() if (rule == "uniform" and not forward) else logp.exp_()
-            if full:
-                R = torch.zeros_like(m)
-            elif rule != "renormalize" or not forward:
-                p.scatter_(-1, indices, 0.0)
-                R = p.sum(-1, keepdim=True)
-        if need_grad:
-            assert p is not None
-            gd = p  # reuse: off-K entries hold p_i; the K entries are overwritten below
-
-        if forward:
-            if rule == "renormalize":
-                q = t / m
-                d = _nz(q, q * (l - m.log() - logP)).sum(-1)
-                if need_grad:
-                    # off K: p_i; on K: P_j - q_j
-                    gd.scatter_(-1, indices, P - q)
-            else:
-                d = _nz(t, t * (l - logP)).sum(-1)
-                if rule == "tail":
-                    d = d + _nz(missing, missing * (missing.log() - R.log())).squeeze(-1)
-                    if need_grad:
-                        W = m + missing
-                        ratio = _nz(missing, missing / R)
-                        gd.mul_(W - ratio)
-                        gd.scatter_(-1, indices, P * W - t)
-                else:  # uniform
-                    u = missing / (v - k) if not full else torch.zeros_like(m)
-                    if not full:
-                        d = d + _nz(u, missing * u.log() - u * sum_off_logp).squeeze(-1)
-                    if need_grad:
-                        W = m + missing
-                        gd.mul_(W).sub_(u)
-                        gd.scatter_(-1, indices, P * W - t)
-        else:  # reverse KL (tail or uniform)
-            d = _nz(P, P * (logP - l)).sum(-1)
-            if rule == "tail":
-                gtail = _nz(R, R.log() - missing.log())
-                d = d + _nz(R, R * gtail).squeeze(-1)
-                if need_grad:
-                    D = d.unsqueeze(-1)
-                    gd.mul_(gtail - D)
-                    gd.scatter_(-1, indices, _nz(P, P * (logP - l - D)))
-            else:  # uniform
-                u = missing / (v - k) if not full else torch.ones_like(m)
-                logu = u.log()
-                if not full:
-                    # p holds p_i off K and 0 on K
-                    logp_full = logp
-                    plogp = _nz(p, p * logp_full).sum(-1, keepdim=True)
-                    d = d + (plogp - _nz(R, R * logu)).squeeze(-1)
-                    if need_grad:
-                        D = d.unsqueeze(-1)
-                        gd = _nz(p, p * (logp_full - logu - D))
-                else:
-                    D = d.unsqueeze(-1)
-                    if need_grad:
-                        gd.zero_()
-                if need_grad:
-                    gd.scatter_(-1, indices, _nz(P, P * (logP - l - D)))
-        rows = rows + (1.0 - cfg.hard_weight) * (temp * temp if cfg.scale_t2 else 1.0) * d
-        if need_grad:
-            grad = gd.mul_(coef / temp)
+        l = logprobs.to(dt)
+        t = l.exp()
+        # 1 - m cancels when the top-k holds almost all the mass: sum in float64 (N x k, cheap)
+        m64 = logprobs.to(torch.float64).exp().sum(-1, keepdim=True)
+        m = m64.to(dt)
+        missing = torch.zeros_like(m) if full else torch.clamp(1.0 - m64, min=0.0).to(dt)
+        scale = coef / temp  # d(c D)/d student = c/T dD/da
+        dense_rev_uniform = rule == "uniform" and not forward and not full
+        if not dense_rev_uniform and _native_ok(student, use_native):
+            # C++ student side: one read for the statistics, one read + write for the gradient.
+            d, grad = _rows_native(student, indices, l, t, m, missing, cfg, full, need_grad, scale)
+        else:
+            d, grad = _rows_torch(student, indices, l, t, m, missing, cfg, full, need_grad, scale, dt)
+        rows = rows + coef * d
 
     if alpha > 0.0:
         assert labels is not None
-        s1 = student.to(dt)
-        lse1 = torch.logsumexp(s1, dim=-1, keepdim=True)
+        logq1 = torch.log_softmax(student.to(dt), dim=-1)
         safe = torch.where(labels == cfg.ignore_index, torch.zeros_like(labels), labels).unsqueeze(-1)
-        nll = (lse1 - s1.gather(-1, safe)).squeeze(-1)
+        nll = -logq1.gather(-1, safe).squeeze(-1)
         eps = cfg.label_smoothing
         ce = nll
         if eps:
-            mean_logq = (s1.to(torch.float64).mean(-1) - lse1.squeeze(-1).to(torch.float64)).to(dt)
+            mean_logq = logq1.sum(-1, dtype=torch.float64).div_(v).to(dt)
             ce = (1.0 - eps) * nll - eps * mean_logq
         rows = rows + alpha * ce
         if need_grad:
-            g1 = (s1 - lse1).exp_()
+            g1 = logq1.exp_()
             if eps:
                 g1.sub_(eps / v)
             g1.scatter_add_(-1, safe, torch.full_like(nll, -(1.0 - eps)).unsqueeze(-1))
@@ -419,9 +477,10 @@ def _check_zero_mass(logprobs: Tensor, labels: Optional[Tensor], cfg: TopKConfig
 
 class _TopKKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, indices, logprobs, labels, cfg, reduction):
+    def forward(ctx, student, indices, logprobs, labels, cfg, reduction, use_native):
         need = bool(ctx.needs_input_grad[0])
-        rows, grad = _rows(student, indices, logprobs, cfg, labels, need_grad=need)
+        rows, grad = _rows(student, indices, logprobs, cfg, labels, need_grad=need,
+                           use_native=use_native)
         n, v = student.shape
         if labels is not None:
             count = float((labels != cfg.ignore_index).sum())
@@ -454,7 +513,7 @@ class _TopKKD(torch.autograd.Function):
             gs = grad
         else:
             gs = grad * g.to(grad.dtype)
-        return gs, None, None, None, None, None
+        return gs, None, None, None, None, None, None
 
 
 def topk_kd_loss(
@@ -486,14 +545,19 @@ def topk_kd_loss(
         missing_mass: ``"renormalize"``, ``"tail"`` or ``"uniform"``.
         reduction, scale_t2, labels, hard_weight, ignore_index, label_smoothing: as in
             :func:`kdengine.kd_loss`.
-        backend: None / ``"auto"`` / ``"torch"`` (vectorised torch, analytic gradient) or
-            ``"reference"`` (the float64 autograd oracle, slow).
+        backend: None / ``"auto"`` (the C++ student side for float32 CPU inputs when the
+            native extension is available, else torch), ``"torch"`` (vectorised torch, analytic
+            gradient), ``"cpu"`` (the C++ student side; float32 CPU, and every rule but
+            reverse KL + uniform with k < V, which stays in torch) or ``"reference"`` (the
+            float64 autograd oracle, slow).
 
     Returns:
         The loss in the student's dtype (float32/float64 math inside).
     """
-    if backend not in (None, "auto", "torch", "reference"):
-        raise ValueError(f"backend must be None, 'auto', 'torch' or 'reference' for topk_kd_loss, got {backend!r}")
+    if backend not in (None, "auto", "torch", "cpu", "reference"):
+        raise ValueError(
+            f"backend must be None, 'auto', 'torch', 'cpu' or 'reference' for topk_kd_loss, got {backend!r}"
+        )
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
     cfg = make_topk_config(
@@ -514,7 +578,8 @@ def topk_kd_loss(
 
         loss = topk_kd_loss_reference(s2, idx2, lp2, lab2, cfg, reduction)
     else:
-        loss = _TopKKD.apply(s2, idx2, lp2, lab2, cfg, reduction)
+        use_native = {"torch": False, "cpu": True}.get(backend)
+        loss = _TopKKD.apply(s2, idx2, lp2, lab2, cfg, reduction, use_native)
     if reduction == "none":
         loss = loss.reshape(lead)
     return loss.to(s.dtype)
