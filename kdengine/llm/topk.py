@@ -292,7 +292,7 @@ def _rows_torch(student, indices, l, t, m, missing, cfg, full, need_grad, scale,
 
 def _rows(student: Tensor, indices: Tensor, logprobs: Tensor, cfg: TopKConfig,
           labels: Optional[Tensor], need_grad: bool,
-          use_native: Optional[bool] = None) -> tuple[Tensor, Optional[Tensor]]:
+          use_native: Optional[bool] = None, grad_scale: float = 1.0) -> tuple[Tensor, Optional[Tensor]]:
     """Per-row losses (n,) in the math dtype and the gradient of their sum (n, V) in the math
     dtype (or None). student (n, V), indices (n, k) int64, logprobs (n, k), labels (n,) or None."""
     dt = torch.float64 if student.dtype == torch.float64 else torch.float32
@@ -325,7 +325,7 @@ def _rows(student: Tensor, indices: Tensor, logprobs: Tensor, cfg: TopKConfig,
         m64 = logprobs.to(torch.float64).exp().sum(-1, keepdim=True)
         m = m64.to(dt)
         missing = torch.zeros_like(m) if full else torch.clamp(1.0 - m64, min=0.0).to(dt)
-        scale = coef / temp  # d(c D)/d student = c/T dD/da
+        scale = coef / temp * grad_scale  # d(c D)/d student = c/T dD/da
         dense_rev_uniform = rule == "uniform" and not forward and not full
         if not dense_rev_uniform and _native_ok(student, use_native):
             # C++ student side: one read for the statistics, one read + write for the gradient.
@@ -350,7 +350,7 @@ def _rows(student: Tensor, indices: Tensor, logprobs: Tensor, cfg: TopKConfig,
             if eps:
                 g1.sub_(eps / v)
             g1.scatter_add_(-1, safe, torch.full_like(nll, -(1.0 - eps)).unsqueeze(-1))
-            grad = g1.mul_(alpha) if grad is None else grad.add_(g1, alpha=alpha)
+            grad = g1.mul_(alpha * grad_scale) if grad is None else grad.add_(g1, alpha=alpha * grad_scale)
 
     if keep is not None:
         rows = torch.where(keep, rows, torch.zeros_like(rows))
@@ -479,22 +479,19 @@ class _TopKKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, indices, logprobs, labels, cfg, reduction, use_native):
         need = bool(ctx.needs_input_grad[0])
-        rows, grad = _rows(student, indices, logprobs, cfg, labels, need_grad=need,
-                           use_native=use_native)
         n, v = student.shape
         if labels is not None:
             count = float((labels != cfg.ignore_index).sum())
         else:
             count = float(n)
-        if reduction == "none":
-            scale = 1.0
-            out = rows
-        else:
-            scale = 1.0 if reduction == "sum" else 1.0 / (max(count, 1.0) * (v if reduction == "mean" else 1))
-            out = rows.sum() * scale
+        scale = 1.0
+        if reduction in ("batchmean", "mean"):
+            scale = 1.0 / (max(count, 1.0) * (v if reduction == "mean" else 1))
+        # the reduction's scale is folded into the gradient's coefficients (no extra N x V pass)
+        rows, grad = _rows(student, indices, logprobs, cfg, labels, need_grad=need,
+                           use_native=use_native, grad_scale=scale)
+        out = rows if reduction == "none" else rows.sum() * scale
         if need:
-            if scale != 1.0:
-                grad.mul_(scale)
             ctx.save_for_backward(grad.to(student.dtype) if grad.dtype != student.dtype else grad)
         ctx.reduction = reduction
         return out

@@ -43,7 +43,7 @@ def teacher_buckets(indices: Tensor, logprobs: Tensor, v: int, rule: str) -> Ten
     m = l.exp().sum(-1, keepdim=True)
     missing = torch.clamp(1.0 - m, min=0.0)
     if rule == "renormalize":
-        dense = torch.full((n, v), -torch.inf, dtype=torch.float64)
+        dense = torch.full((n, v), -torch.inf, dtype=torch.float64, device=l.device)
         return dense.scatter(-1, indices, l - m.log())
     if rule == "tail":
         if k == v:
@@ -78,8 +78,8 @@ def topk_kd_rows_reference(student: Tensor, indices: Tensor, logprobs: Tensor,
         logprobs = torch.where(keep.unsqueeze(-1), logprobs, torch.full_like(logprobs, -1e3))
         w = keep.to(torch.float64)
     else:
-        w = torch.ones(n, dtype=torch.float64)
-    rows = torch.zeros(n, dtype=torch.float64)
+        w = torch.ones(n, dtype=torch.float64, device=s.device)
+    rows = torch.zeros(n, dtype=torch.float64, device=s.device)
     alpha = cfg.hard_weight
     if alpha < 1.0:
         teacher = teacher_buckets(indices, logprobs, v, cfg.missing_mass)

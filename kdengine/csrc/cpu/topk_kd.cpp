@@ -26,6 +26,7 @@
 // NaN anywhere in a row gives NaN stats (exp keeps NaN); an all -inf row gives NaN like torch's
 // log_softmax. Memory/layout: x, g contiguous row-major (N, V); indices contiguous (N, k) in
 // [0, V) (checked by the Python caller, out-of-range indices are skipped here, never read).
+// g comes from kdengine's output pool (cpu/output_pool.h), like kd_loss's gradients.
 // Vector code is compiled twice, portable and target("avx2,fma"), chosen at run time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -38,6 +39,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/output_pool.h"
 #include "cpu/parallel.h"
 #include "cpu/vec_math.h"
 
@@ -206,7 +208,8 @@ at::Tensor topk_student_grad(const at::Tensor& x, const at::Tensor& rowmax, cons
   TORCH_CHECK(c1.scalar_type() == at::kFloat && c1.numel() == N && c1.is_contiguous() &&
                   c0.scalar_type() == at::kFloat && c0.numel() == N && c0.is_contiguous(),
               "topk_student_grad: c1 and c0 must be float32 (N,)");
-  at::Tensor g = at::empty({N, V}, x.options());
+  // pooled: a fresh N x V block costs more in page faults than the pass itself (output_pool.h)
+  at::Tensor g = kdengine::pooled_empty({N, V}, x.options());
   const float* xp = x.data_ptr<float>();
   float* gp = g.data_ptr<float>();
   const float* rm = rowmax.data_ptr<float>();
