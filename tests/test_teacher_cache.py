@@ -214,3 +214,23 @@ def test_build_validation(tmp_path):
         build_teacher_cache(TinyLM(30), _batches(30, [(2,)]), tmp_path / "a", 4, 0.0)
     with pytest.raises(TypeError, match="teacher returned"):
         build_teacher_cache(lambda x: "nope", [torch.zeros(1)], tmp_path / "a", 1)
+
+
+def test_peaked_teacher_cache_feeds_the_loss_in_float32(tmp_path, seed):
+    """bf16 log-probs of a top-k holding ~all the mass can sum a little above 1 once widened to
+    float32: the loss accepts them (mass tolerance) for every rule."""
+    vocab, k = 40, 40
+
+    def teacher(x):
+        return torch.randn(x.shape[0], vocab) * 8
+
+    path = tmp_path / "p.st"
+    build_teacher_cache(teacher, [torch.zeros(64)], path, k)
+    idx, lp = load_teacher_cache(path)[0]
+    assert lp.dtype == torch.float32
+    s = torch.randn(64, vocab)
+    for rule in ("renormalize", "tail", "uniform"):
+        for div in ("forward_kl", "reverse_kl"):
+            if (rule, div) == ("renormalize", "reverse_kl"):
+                continue
+            assert torch.isfinite(topk_kd_loss(s, idx, lp, missing_mass=rule, divergence=div))
