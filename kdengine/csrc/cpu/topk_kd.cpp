@@ -17,7 +17,8 @@
 // R is summed over the tokens outside K directly (a per-thread 0/1 weight row with zeros at K),
 // never as 1 - sum_K p_j, which cancels when the student puts almost all its mass on K.
 //
-// Passes over one row (rows are independent and spread over threads): stats reads the row twice
+// Passes over one row (rows are independent; chunks of 8 rows handed out to threads on demand,
+// so a descheduled thread on a shared machine does not hold the others up): stats reads the row twice
 // (the maximum, then the exps; the 128 KB row of V = 32000 is L2-resident for the second read,
 // so DRAM sees one read); grad reads it once and writes g once. One exp per element and pass.
 //
@@ -176,9 +177,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_student_stats(
 #endif
                  &stats_portable;
   const float it = static_cast<float>(inv_t);
-  kdengine::parallel_for(0, N, 4, [&](int64_t b, int64_t e) {
-    std::vector<float> w;
-    if (need_rest) w.assign(static_cast<size_t>(V), 1.0f);
+  kdengine::parallel_for_dynamic(0, N, 8, [&](int64_t b, int64_t e) {
+    // 0/1 weights of the tokens outside K: all ones between rows (each row restores them)
+    thread_local std::vector<float> w;
+    if (need_rest && w.size() != static_cast<size_t>(V)) w.assign(static_cast<size_t>(V), 1.0f);
     for (int64_t r = b; r < e; ++r) {
       const int64_t* idx = ip + r * K;
       if (need_rest)
@@ -222,7 +224,7 @@ at::Tensor topk_student_grad(const at::Tensor& x, const at::Tensor& rowmax, cons
 #endif
                  &grad_portable;
   const float it = static_cast<float>(inv_t);
-  kdengine::parallel_for(0, N, 4, [&](int64_t b, int64_t e) {
+  kdengine::parallel_for_dynamic(0, N, 8, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r)
       fn(xp + r * V, gp + r * V, V, rm[r], it, static_cast<float>(ls[r]), a1[r], a0[r]);
   });
