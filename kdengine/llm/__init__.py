@@ -1,0 +1,1 @@
+"""LLM-scale distillation: vocabulary-parallel KD and the Hugging Face integration."""
