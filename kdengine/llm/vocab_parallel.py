@@ -22,12 +22,22 @@ options, a checksum of the labels) checks that the ranks agree. A mismatch raise
 ``ValueError`` naming the argument on *every* rank (no rank is left waiting in a collective).
 Wrong argument *types* raise a ``TypeError`` locally, before any collective.
 
-Numerics: bf16/fp16/fp32 inputs are computed in float32 and float64 inputs in float64, except that
-for ``T > FP64_ABOVE_T`` (8) the row terms are formed in float64. The divergence at large T is a
-sum of terms of size O(1/T) that cancel down to O(1/T^2), so float32 would lose about
-``1e-7 * T`` relative accuracy; in float64 the error is about ``1e-16 * T``. The result stays
-within 1e-5 relative of a float64 evaluation for any finite T up to 1e3 (tested) and, by that
-estimate, far beyond. ``T = inf`` is not supported here (use :func:`kdengine.kd_loss`).
+Numerics: bf16/fp16/fp32 inputs are computed in float32 and float64 inputs in float64; gradients
+come back in the input dtype. Log-probabilities are formed as ``(x - max) - log Z`` from the global
+row statistics, so their rounding error scales with ``|log p|``, not with the size of the logits.
+The divergence is a sum of terms that cancel when the two distributions are close, which is the
+case at large T (terms O(1/T), divergence O(1/T^2): float32 would lose about ``1e-7 * T``
+relative accuracy) and late in distillation. Hence:
+
+* for ``T > FP64_ABOVE_T`` (8) the row terms are formed in float64 directly;
+* otherwise the float32 forward also all-reduces a rounding-error bound (eps32 x the size of the
+  log-probability terms, per row) and, when it exceeds ``5e-5`` of the divergence (of the reduced
+  loss; of any row for ``reduction="none"``), the forward is redone in float64 -- on every rank
+  alike, since the bound is all-reduced. Observed float32 errors stay below ~5e-6 relative.
+
+The result is within 1e-5 relative of a float64 evaluation for any finite T up to 1e3 (tested;
+the float64 error grows like ``1e-16 * T``, so the bound holds far beyond). ``T = inf`` is not
+supported here (a ValueError; use :func:`kdengine.kd_loss` on gathered logits for the limit).
 """
 from __future__ import annotations
 
@@ -45,6 +55,10 @@ from kdengine.ops.kd_loss import FLOAT_DTYPES, make_config
 __all__ = ["vocab_parallel_kd_loss", "vocab_parallel_linear_kd_loss", "FP64_ABOVE_T"]
 
 FP64_ABOVE_T = 8.0
+# a float32 forward whose rounding-error bound (eps32 x the size of the log-probability terms,
+# pessimistic: actual errors are 10-100x smaller) exceeds this fraction of the divergence is redone
+# in float64
+_COND_RTOL = 5e-5
 _DTYPE_CODE = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4}
 
 
@@ -232,6 +246,11 @@ def _kl_terms(logp: Tensor, logq: Tensor) -> Tensor:
     return torch.where(pos, p * (logp - logq), torch.zeros_like(p)).sum(-1)
 
 
+def _log_softmax(x: Tensor, st: Tensor) -> Tensor:
+    """log softmax of a shard from the global row (max, log-sum-exp-shifted) pair ``st`` (N, 2)."""
+    return (x - st[:, 0:1]) - st[:, 1:2]
+
+
 def _log_mix(logp: Tensor, logq: Tensor, beta: float) -> Tensor:
     live = (logp > -math.inf) | (logq > -math.inf)
     zero = torch.zeros_like(logp)
@@ -254,103 +273,135 @@ def _prepare(s_in: Tensor, t_in: Tensor, labels: Optional[Tensor], cfg: KDConfig
     return s, t, w
 
 
+def _forward(s_in, t_in, labels, cfg: KDConfig, start: int, v_global: int, group, world: int,
+             dt: torch.dtype):
+    """The forward in math dtype ``dt``: (loss, row statistics to save, ill_conditioned).
+
+    In float32, ``ill_conditioned`` says that for some row the estimated rounding error of the
+    divergence exceeds ``_COND_RTOL`` of its value (close distributions: the per-entry terms
+    cancel). It is computed from all-reduced values, so every rank sees the same flag."""
+    s, t, w = _prepare(s_in, t_in, labels, cfg, dt)
+    n, vl = s.shape
+    temp = cfg.temperature
+    alpha = cfg.hard_weight
+    need_kd, need_ce = alpha < 1.0, alpha > 0.0
+    a = s / temp if temp != 1.0 else s
+    b = t / temp if temp != 1.0 else t
+    sep_ce = need_ce and (temp != 1.0 or not need_kd)
+
+    # 1. global row maxima
+    cols = []
+    if need_kd:
+        cols += [a.amax(-1), b.amax(-1)]
+    if sep_ce:
+        cols.append(s.amax(-1))
+    m = _all_reduce(torch.stack(cols, -1), dist.ReduceOp.MAX, group, world)
+    # a row that is -inf everywhere has no finite max: shift by 0 there (its loss is NaN anyway)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    # 2. global sums of exponentials
+    sums, k = [], 0
+    if need_kd:
+        sums += [(a - m[:, 0:1]).exp().sum(-1), (b - m[:, 1:2]).exp().sum(-1)]
+        k = 2
+    if sep_ce:
+        sums.append((s - m[:, k:k + 1]).exp().sum(-1))
+    z = _all_reduce(torch.stack(sums, -1), dist.ReduceOp.SUM, group, world)
+    logz = z.log()
+    # (max, log-sum) pairs: log-probabilities are formed as (x - max) - logz, whose rounding error
+    # scales with |log p| and not with the size of the logits themselves
+    st_a = torch.stack([m[:, 0], logz[:, 0]], -1) if need_kd else None
+    st_b = torch.stack([m[:, 1], logz[:, 1]], -1) if need_kd else None
+    lse1 = None
+    if need_ce:
+        lse1 = m[:, k] + logz[:, k] if sep_ce else m[:, 0] + logz[:, 0]
+
+    # 3. partial row sums
+    parts = []
+    if need_kd:
+        logq = _log_softmax(a, st_a)
+        logp = _log_softmax(b, st_b)
+        if cfg.divergence == Divergence.FORWARD_KL:
+            parts.append(_kl_terms(logp, logq))
+        elif cfg.divergence == Divergence.REVERSE_KL:
+            parts.append(_kl_terms(logq, logp))
+        else:
+            logm = _log_mix(logp, logq, cfg.beta)
+            parts += [_kl_terms(logp, logm), _kl_terms(logq, logm)]
+    in_shard = idx = None
+    if need_ce:
+        lab = labels
+        in_shard = (lab >= start) & (lab < start + vl) & (lab != cfg.ignore_index)
+        idx = torch.where(in_shard, lab - start, torch.zeros_like(lab))
+        sy = s.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+        parts.append(torch.where(in_shard, sy, torch.zeros_like(sy)))
+        if cfg.label_smoothing > 0.0:
+            parts.append(s.sum(-1))
+    check = need_kd and dt == torch.float32
+    if check:
+        # magnitude of what the divergence terms are formed from (their rounding error scale)
+        mag = (logp.exp() + logq.exp()) * (logp.abs() + logq.abs())
+        parts.append(torch.where(torch.isfinite(mag), mag, torch.zeros_like(mag)).sum(-1))
+    red = _all_reduce(torch.stack(parts, -1), dist.ReduceOp.SUM, group, world)
+
+    rows = torch.zeros(n, dtype=dt, device=s.device)
+    kd_stats = None
+    if need_kd:
+        c = temp * temp if cfg.scale_t2 else 1.0
+        if cfg.divergence == Divergence.JSD:
+            kd_stats = red[:, 0:2]
+            d = cfg.beta * red[:, 0] + (1.0 - cfg.beta) * red[:, 1]
+            j = 2
+        else:
+            kd_stats = red[:, 0:1]
+            d = red[:, 0]
+            j = 1
+        rows = rows + (1.0 - alpha) * c * d
+    ill = False
+    if check:
+        # + 2: the rounding of the two partition sums themselves (log Z has an absolute error ~eps)
+        mag = red[:, -1] + st_a[:, 1].abs() + st_b[:, 1].abs() + 2.0
+        err = torch.finfo(torch.float32).eps * mag
+        if cfg.reduction == Reduction.NONE:  # every row on its own
+            ill = bool(((w > 0) & (err > _COND_RTOL * d.abs())).any())
+        else:  # the reduced loss: its summed error bound against its size
+            ill = bool((w * err).sum() > _COND_RTOL * (w * d.abs()).sum())
+    if need_ce:
+        nll = lse1 - red[:, j if need_kd else 0]
+        eps = cfg.label_smoothing
+        if eps > 0.0:
+            ssum = red[:, (j if need_kd else 0) + 1]
+            nll = (1.0 - eps) * nll - eps * (ssum / v_global - lse1)
+        rows = rows + alpha * nll
+    rows = rows * w
+    count = float(w.sum()) if labels is not None else float(n)
+    denom = 1.0
+    if cfg.reduction == Reduction.NONE:
+        loss = rows
+    else:
+        total = rows.sum()
+        if cfg.reduction == Reduction.BATCHMEAN:
+            denom = max(count, 1.0)
+        elif cfg.reduction == Reduction.MEAN:
+            denom = max(count, 1.0) * v_global
+        loss = total / denom
+
+    empty = s.new_empty(0)
+    stats = (st_a if need_kd else empty, st_b if need_kd else empty,
+             lse1 if need_ce else empty, kd_stats if kd_stats is not None else empty)
+    return loss, stats, denom, ill
+
+
 class _VocabParallelKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_in, t_in, labels, cfg: KDConfig, start: int, v_global: int, group, world: int):
-        dt = torch.float64 if (s_in.dtype == torch.float64 or cfg.temperature > FP64_ABOVE_T) \
-            else torch.float32
-        s, t, w = _prepare(s_in, t_in, labels, cfg, dt)
-        n, vl = s.shape
-        temp = cfg.temperature
-        alpha = cfg.hard_weight
-        need_kd, need_ce = alpha < 1.0, alpha > 0.0
-        a = s / temp if temp != 1.0 else s
-        b = t / temp if temp != 1.0 else t
-        sep_ce = need_ce and (temp != 1.0 or not need_kd)
-
-        # 1. global row maxima
-        cols = []
-        if need_kd:
-            cols += [a.amax(-1), b.amax(-1)]
-        if sep_ce:
-            cols.append(s.amax(-1))
-        m = _all_reduce(torch.stack(cols, -1), dist.ReduceOp.MAX, group, world)
-        # a row that is -inf everywhere has no finite max: shift by 0 there (its loss is NaN anyway)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        # 2. global sums of exponentials
-        sums, k = [], 0
-        if need_kd:
-            sums += [(a - m[:, 0:1]).exp().sum(-1), (b - m[:, 1:2]).exp().sum(-1)]
-            k = 2
-        if sep_ce:
-            sums.append((s - m[:, k:k + 1]).exp().sum(-1))
-        z = _all_reduce(torch.stack(sums, -1), dist.ReduceOp.SUM, group, world)
-        lse = m + z.log()
-        lse_a = lse[:, 0] if need_kd else None
-        lse_b = lse[:, 1] if need_kd else None
-        lse1 = (lse[:, k] if sep_ce else lse_a) if need_ce else None
-
-        # 3. partial row sums
-        parts = []
-        if need_kd:
-            logq = a - lse_a.unsqueeze(-1)
-            logp = b - lse_b.unsqueeze(-1)
-            if cfg.divergence == Divergence.FORWARD_KL:
-                parts.append(_kl_terms(logp, logq))
-            elif cfg.divergence == Divergence.REVERSE_KL:
-                parts.append(_kl_terms(logq, logp))
-            else:
-                logm = _log_mix(logp, logq, cfg.beta)
-                parts += [_kl_terms(logp, logm), _kl_terms(logq, logm)]
-        in_shard = idx = None
-        if need_ce:
-            lab = labels
-            in_shard = (lab >= start) & (lab < start + vl) & (lab != cfg.ignore_index)
-            idx = torch.where(in_shard, lab - start, torch.zeros_like(lab))
-            sy = s.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-            parts.append(torch.where(in_shard, sy, torch.zeros_like(sy)))
-            if cfg.label_smoothing > 0.0:
-                parts.append(s.sum(-1))
-        red = _all_reduce(torch.stack(parts, -1), dist.ReduceOp.SUM, group, world)
-
-        rows = torch.zeros(n, dtype=dt, device=s.device)
-        kd_stats = None
-        if need_kd:
-            c = temp * temp if cfg.scale_t2 else 1.0
-            if cfg.divergence == Divergence.JSD:
-                kd_stats = red[:, 0:2]
-                d = cfg.beta * red[:, 0] + (1.0 - cfg.beta) * red[:, 1]
-                j = 2
-            else:
-                kd_stats = red[:, 0:1]
-                d = red[:, 0]
-                j = 1
-            rows = rows + (1.0 - alpha) * c * d
-        if need_ce:
-            nll = lse1 - red[:, j if need_kd else 0]
-            eps = cfg.label_smoothing
-            if eps > 0.0:
-                ssum = red[:, (j if need_kd else 0) + 1]
-                nll = (1.0 - eps) * nll - eps * (ssum / v_global - lse1)
-            rows = rows + alpha * nll
-        rows = rows * w
-        count = float(w.sum()) if labels is not None else float(n)
-        denom = 1.0
-        if cfg.reduction == Reduction.NONE:
-            loss = rows
-        else:
-            total = rows.sum()
-            if cfg.reduction == Reduction.BATCHMEAN:
-                denom = max(count, 1.0)
-            elif cfg.reduction == Reduction.MEAN:
-                denom = max(count, 1.0) * v_global
-            loss = total / denom
-
-        ctx.save_for_backward(s_in, t_in, labels if labels is not None else s_in.new_empty(0),
-                              lse_a if need_kd else s.new_empty(0),
-                              lse_b if need_kd else s.new_empty(0),
-                              lse1 if need_ce else s.new_empty(0),
-                              kd_stats if kd_stats is not None else s.new_empty(0))
+        fp64 = s_in.dtype == torch.float64 or cfg.temperature > FP64_ABOVE_T
+        dt = torch.float64 if fp64 else torch.float32
+        args = (s_in, t_in, labels, cfg, start, v_global, group, world)
+        loss, stats, denom, ill = _forward(*args, dt)
+        if ill:  # same decision on every rank (all-reduced inputs): redo the rows in float64
+            dt = torch.float64
+            loss, stats, denom, _ = _forward(*args, dt)
+        ctx.save_for_backward(s_in, t_in, labels if labels is not None else s_in.new_empty(0), *stats)
         ctx.cfg, ctx.start, ctx.v_global, ctx.dt, ctx.denom = cfg, start, v_global, dt, denom
         ctx.has_labels = labels is not None
         out_dt = torch.float64 if s_in.dtype == torch.float64 else torch.float32
@@ -358,7 +409,7 @@ class _VocabParallelKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        s_in, t_in, labels, lse_a, lse_b, lse1, kd_stats = ctx.saved_tensors
+        s_in, t_in, labels, st_a, st_b, lse1, kd_stats = ctx.saved_tensors
         cfg: KDConfig = ctx.cfg
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_s or need_t):
@@ -375,8 +426,8 @@ class _VocabParallelKD(torch.autograd.Function):
         gt = torch.zeros_like(t) if need_t else None
         if need_kd:
             kc = (1.0 - alpha) * (temp * temp if cfg.scale_t2 else 1.0) / temp
-            logq = (s / temp if temp != 1.0 else s) - lse_a.unsqueeze(-1)
-            logp = (t / temp if temp != 1.0 else t) - lse_b.unsqueeze(-1)
+            logq = _log_softmax(s / temp if temp != 1.0 else s, st_a)
+            logp = _log_softmax(t / temp if temp != 1.0 else t, st_b)
             q, p = logq.exp(), logp.exp()
             zero = torch.zeros_like(q)
             if cfg.divergence == Divergence.FORWARD_KL:
