@@ -185,6 +185,7 @@ def _worker(rank: int, world: int, sizes: list[int], starts: list[int], explicit
     _check_case(lo, hi, s, t, 2.0, 1e-9, 1e-12, vocab_start=vs, divergence="jsd")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sizes,order",
     [
