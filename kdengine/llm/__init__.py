@@ -23,6 +23,7 @@ from kdengine.llm.teacher_cache import (
     load_teacher_cache,
 )
 from kdengine.llm.topk import TopKConfig, TopKKDLoss, make_topk_config, retemper_topk, topk_kd_loss, topk_kd_rows
+from kdengine.llm.vocab_parallel import vocab_parallel_kd_loss, vocab_parallel_linear_kd_loss
 
 __all__ = [
     "fused_linear_kd_loss",
@@ -40,4 +41,6 @@ __all__ = [
     "load_teacher_cache",
     "TeacherCache",
     "bytes_per_token",
+    "vocab_parallel_kd_loss",
+    "vocab_parallel_linear_kd_loss",
 ]
