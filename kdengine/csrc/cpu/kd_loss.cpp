@@ -324,6 +324,7 @@ KD_INLINE double finish_row(const RowIO<typename Traits<VT>::E>& io, int64_t y, 
   constexpr bool KD = MODE <= M_JSD;
   const E ninf = -std::numeric_limits<E>::infinity();
   const VT zero = VT{};
+  const VT half = VT{} + E(0.5);  // |log-ratio| below which p - q is formed as q expm1(...)
   const int64_t V = A.V;
   const E* s = io.s;
   const E* t = io.t;
@@ -450,9 +451,13 @@ KD_INLINE double finish_row(const RowIO<typename Traits<VT>::E>& io, int64_t y, 
         if (MODE == M_FKL) {  // dD/da = q - p
           VT eb = load<VT>(st_b + i, n, 0);
           if (precise) {
-            // q - p = -q expm1(log p - log q): no cancellation where p ~ q.
+            // q - p = -q expm1(log p - log q): no cancellation where p ~ q. Only for small
+            // log-ratios: a large one (|logits|/T ~ 100) overflows expm1 to inf, and inf times
+            // a q that rounds to 0 in cA * ea is NaN; there p and q differ, nothing cancels.
             VT xs = load<VT>(s + i, n, ninf), xt = load<VT>(t + i, n, ninf);
-            g = ea != 0 ? -(cA * ea) * kdvec::vexpm1(LOG_RATIO(xs, xt, cF)) : -(cB * eb);
+            VT r = LOG_RATIO(xs, xt, cF);
+            M near = (ea != 0) & (r < half) & (r > -half);
+            g = near ? -(cA * ea) * kdvec::vexpm1(r) : cA * ea - cB * eb;
           } else {
             g = cA * ea - cB * eb;
           }
@@ -467,8 +472,10 @@ KD_INLINE double finish_row(const RowIO<typename Traits<VT>::E>& io, int64_t y, 
           if (need_gt) {  // dD/db = p - q
             VT eb = load<VT>(st_b + i, n, 0);
             VT h;
-            if (precise) {
-              h = ea != 0 ? (cA * ea) * kdvec::vexpm1(LOG_RATIO(xs, xt, cF)) : cB * eb;
+            if (precise) {  // p - q, from the log-ratio where it is small (as for grad_s above)
+              VT r = LOG_RATIO(xs, xt, cF);
+              M near = (ea != 0) & (r < half) & (r > -half);
+              h = near ? (cA * ea) * kdvec::vexpm1(r) : cB * eb - cA * ea;
             } else {
               h = cB * eb - cA * ea;
             }
