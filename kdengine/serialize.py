@@ -49,7 +49,6 @@ sizes), and that the padding bits of every packed weight are 0.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -59,6 +58,8 @@ from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor, nn
+
+from kdengine._integrity import json_sha256, payload_sha256
 
 from kdengine.nn.binary import MODES, BinaryConv2d, BinaryLinear
 from kdengine.nn.packed import PackedBinaryConv2d, PackedBinaryLinear
@@ -370,27 +371,11 @@ def _build(node: Any, where: str) -> nn.Module:
 # --------------------------------------------------------------------------- hashing
 
 
-def _tensor_bytes(t: Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def _payload_sha256(tensors: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(name.encode("utf-8") + b"\0")
-        h.update(_DTYPE_NAMES[t.dtype].encode() + b"\0")
-        h.update(json.dumps(list(t.shape)).encode() + b"\0")
-        h.update(_tensor_bytes(t))
-    return h.hexdigest()
-
+    return payload_sha256(tensors)
 
 def _manifest_sha256(manifest: dict) -> str:
-    body = {k: v for k, v in manifest.items() if k not in ("payload_sha256", "manifest_sha256")}
-    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
-
+    return json_sha256(manifest, ("payload_sha256", "manifest_sha256"))
 
 # --------------------------------------------------------------------------- save
 

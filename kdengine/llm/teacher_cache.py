@@ -31,7 +31,6 @@ hashes, tensors/dtypes/shapes exactly as the manifest says, every index in [0, V
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -40,6 +39,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
+
+from kdengine._integrity import json_sha256, payload_sha256
 
 FORMAT_NAME = "kdengine.teacher_cache"
 FORMAT_VERSION = 1
@@ -96,21 +97,10 @@ def _version() -> str:
 
 
 def _payload_sha256(tensors: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(name.encode("utf-8") + b"\0")
-        h.update(_ST_NAMES[t.dtype].encode() + b"\0")
-        h.update(json.dumps(list(t.shape)).encode() + b"\0")
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
+    return payload_sha256(tensors)
 
 def _manifest_sha256(manifest: dict) -> str:
-    body = {k: v for k, v in manifest.items() if k not in ("payload_sha256", "manifest_sha256")}
-    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
-
+    return json_sha256(manifest, ("payload_sha256", "manifest_sha256"))
 
 def _logits_of(out: Any) -> Tensor:
     if isinstance(out, Tensor):

@@ -62,6 +62,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from kdengine.ops.kd_loss import _check_float
+
 __all__ = [
     "TopKConfig",
     "TopKKDLoss",
@@ -99,22 +101,12 @@ class TopKConfig:
         return c * (1.0 - self.hard_weight)
 
 
-def _real(name: str, value: object) -> float:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
 def make_topk_config(temperature: object = 1.0, *, divergence: str = "forward_kl",
                      missing_mass: str = "renormalize", scale_t2: bool = True,
                      hard_weight: object = None, has_labels: bool = False,
                      ignore_index: int = -100, label_smoothing: object = 0.0) -> TopKConfig:
     """Validate the settings (the same rules as :func:`kdengine.kd_loss`) into a TopKConfig."""
-    t = _real("temperature", temperature)
+    t = _check_float("temperature", temperature)
     if not (t > 0) or math.isinf(t):
         raise ValueError(f"temperature must be a finite number > 0 for the top-k loss, got {t}")
     if not isinstance(scale_t2, bool):
@@ -133,12 +125,12 @@ def make_topk_config(temperature: object = 1.0, *, divergence: str = "forward_kl
             "teacher is 0 off its top-k tokens wherever the student has mass; use "
             "missing_mass='tail' or 'uniform' for reverse KL"
         )
-    alpha = (0.5 if has_labels else 0.0) if hard_weight is None else _real("hard_weight", hard_weight)
+    alpha = (0.5 if has_labels else 0.0) if hard_weight is None else _check_float("hard_weight", hard_weight)
     if not (0.0 <= alpha <= 1.0):
         raise ValueError(f"hard_weight must be in [0, 1], got {alpha}")
     if alpha > 0.0 and not has_labels:
         raise ValueError(f"hard_weight={alpha} needs labels=; pass labels or hard_weight=0")
-    eps = _real("label_smoothing", label_smoothing)
+    eps = _check_float("label_smoothing", label_smoothing)
     if not (0.0 <= eps < 1.0):
         raise ValueError(f"label_smoothing must be in [0, 1), got {eps}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):

@@ -26,7 +26,6 @@ unpickles anything.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import math
 import os
@@ -41,6 +40,8 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
+
+from kdengine._integrity import json_sha256, payload_sha256
 
 FORMAT = "kdengine-checkpoint/1"
 _META_KEY = "kdengine"
@@ -129,21 +130,10 @@ def _json_restore(obj: Any) -> Any:
 
 
 def _payload_sha256(tensors: Mapping[str, Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(name.encode("utf-8") + b"\0")
-        h.update(str(t.dtype).removeprefix("torch.").encode() + b"\0")
-        h.update(json.dumps(list(t.shape)).encode() + b"\0")
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
+    return payload_sha256(tensors)
 
 def _meta_sha256(meta: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in meta.items() if k not in ("payload_sha256", "meta_sha256")}
-    canon = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
-
+    return json_sha256(meta, ("payload_sha256", "meta_sha256"), allow_nan=True)
 
 def _flatten_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> dict:
     sd = opt.state_dict()
