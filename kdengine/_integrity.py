@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -35,3 +36,22 @@ def json_sha256(header: Mapping[str, Any], exclude: Iterable[str], *, allow_nan:
     body = {k: v for k, v in header.items() if k not in skip}
     canon = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=allow_nan)
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+def write_sealed_safetensors(path: "str | os.PathLike[str]", tensors: Mapping[str, Tensor],
+                             manifest: dict, *, format_name: str, manifest_key: str) -> dict:
+    """Add ``payload_sha256`` and ``manifest_sha256`` to ``manifest``, store it as JSON in the
+    safetensors metadata under ``manifest_key`` (beside ``format``), and write ``path`` atomically
+    (a temporary file beside it, then a rename). Returns the manifest."""
+    from safetensors.torch import save as st_save
+
+    manifest["payload_sha256"] = payload_sha256(tensors)
+    manifest["manifest_sha256"] = json_sha256(manifest, ("payload_sha256", "manifest_sha256"))
+    data = st_save(dict(tensors), metadata={"format": format_name,
+                                            manifest_key: json.dumps(manifest, allow_nan=False)})
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return manifest

@@ -59,7 +59,7 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor, nn
 
-from kdengine._integrity import json_sha256, payload_sha256
+from kdengine._integrity import json_sha256, payload_sha256, write_sealed_safetensors
 
 from kdengine.nn.binary import MODES, BinaryConv2d, BinaryLinear
 from kdengine.nn.packed import PackedBinaryConv2d, PackedBinaryLinear
@@ -402,7 +402,6 @@ def save_packed(model: nn.Module, path: PathLike) -> dict:
     file is written to ``path + ".tmp"`` and renamed, so a crash never leaves half a file at
     ``path``. Nothing is pickled.
     """
-    from safetensors.torch import save as st_save
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -423,16 +422,9 @@ def save_packed(model: nn.Module, path: PathLike) -> dict:
         "kdengine_version": _version(),
         "model": tree,
         "tensors": {n: {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for n, t in tensors.items()},
-        "payload_sha256": _payload_sha256(tensors),
     }
-    manifest["manifest_sha256"] = _manifest_sha256(manifest)
-    data = st_save(tensors, metadata={"format": FORMAT_NAME, MANIFEST_KEY: json.dumps(manifest, allow_nan=False)})
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return manifest
+    return write_sealed_safetensors(path, tensors, manifest, format_name=FORMAT_NAME,
+                                    manifest_key=MANIFEST_KEY)
 
 
 # --------------------------------------------------------------------------- load

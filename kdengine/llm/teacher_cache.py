@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import torch
 from torch import Tensor
 
-from kdengine._integrity import json_sha256, payload_sha256
+from kdengine._integrity import json_sha256, payload_sha256, write_sealed_safetensors
 
 FORMAT_NAME = "kdengine.teacher_cache"
 FORMAT_VERSION = 1
@@ -148,7 +148,6 @@ def build_teacher_cache(
         The manifest (also has ``bytes_per_token``). The whole cache is held in memory while
         building (N x k x (2 + B) bytes); shard a large dataset over several files.
     """
-    from safetensors.torch import save as st_save
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -209,16 +208,9 @@ def build_teacher_cache(
         "bytes_per_token": bytes_per_token(k, vocab),
         "source": source,
         "tensors": {n: {"dtype": _ST_NAMES[x.dtype], "shape": list(x.shape)} for n, x in tensors.items()},
-        "payload_sha256": _payload_sha256(tensors),
     }
-    manifest["manifest_sha256"] = _manifest_sha256(manifest)
-    data = st_save(tensors, metadata={"format": FORMAT_NAME, MANIFEST_KEY: json.dumps(manifest, allow_nan=False)})
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return manifest
+    return write_sealed_safetensors(path, tensors, manifest, format_name=FORMAT_NAME,
+                                    manifest_key=MANIFEST_KEY)
 
 
 # --------------------------------------------------------------------------- load
