@@ -7,7 +7,8 @@
   chunked distillation losses (weight_hard_loss, weight_soft_loss, beta, chunk_size,
   return_soft_hard_loss, no T^2);
 * :func:`topk_kd_loss`, :class:`TopKKDLoss` — a sparse teacher given as top-k indices and
-  log-probabilities (renormalize / tail bucket / uniform missing mass);
+  log-probabilities (renormalize / tail bucket / uniform missing mass), also fused with the head
+  (:func:`fused_linear_topk_kd_loss`);
   :mod:`kdengine.llm.teacher_cache` stores such teachers offline;
 * :func:`vocab_parallel_kd_loss`, :func:`vocab_parallel_linear_kd_loss` — logits or head sharded
   over the vocabulary across a ``torch.distributed`` process group;
@@ -15,6 +16,7 @@
   on demand so kdengine works without transformers).
 """
 from kdengine.llm.fused_linear import FusedLinearKDLoss, auto_chunk_size, fused_linear_kd_loss
+from kdengine.llm.fused_topk import fused_linear_topk_kd_loss
 from kdengine.llm.liger_compat import LigerCompatFusedLinearKDLoss, liger_fused_linear_kd_loss
 from kdengine.llm.teacher_cache import (
     TeacherCache,
@@ -29,6 +31,7 @@ __all__ = [
     "fused_linear_kd_loss",
     "FusedLinearKDLoss",
     "auto_chunk_size",
+    "fused_linear_topk_kd_loss",
     "LigerCompatFusedLinearKDLoss",
     "liger_fused_linear_kd_loss",
     "topk_kd_loss",

@@ -1,0 +1,129 @@
+"""Fused linear + top-k sparse-teacher KD: the student head in row chunks against a top-k teacher.
+
+``fused_linear_topk_kd_loss(student_hidden, student_weight, topk_indices, topk_logprobs, ...)``
+equals :func:`kdengine.llm.topk.topk_kd_loss` on ``student_hidden @ student_weight.T + bias``
+without the N x V student logits ever existing whole: it plugs the top-k teacher into the chunk
+loop of :mod:`kdengine.llm.fused_linear` (its teacher-source / chunk-loss seam). Per chunk of rows
+the head GEMM gives the logits, :func:`~kdengine.llm.topk.topk_kd_rows` gives the row losses and
+their gradient in one call, and the gradient goes straight into grad_hidden and the
+fp32-accumulated grad_weight / grad_bias. The teacher side is only the (N, k) indices and
+log-probabilities (an offline cache, :mod:`kdengine.llm.teacher_cache`).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kdengine.llm.fused_linear import _check_same, _check_tensor, fused_linear_chunked
+from kdengine.llm.topk import _check_zero_mass, _validate, make_topk_config, topk_kd_rows
+
+_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+class _TopKTeacherRows:
+    """The teacher source of the chunk loop: slices of the (N, k) indices and log-probs."""
+
+    def __init__(self, indices: Tensor, logprobs: Tensor) -> None:
+        self.indices, self.logprobs = indices, logprobs
+
+    def chunk(self, lo: int, hi: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return self.indices[lo:hi], self.logprobs[lo:hi]
+
+
+def fused_linear_topk_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    topk_indices: Tensor,
+    topk_logprobs: Tensor,
+    temperature: float = 1.0,
+    *,
+    student_bias: Optional[Tensor] = None,
+    divergence: str = "forward_kl",
+    missing_mass: str = "renormalize",
+    reduction: str = "batchmean",
+    scale_t2: bool = True,
+    labels: Optional[Tensor] = None,
+    hard_weight: Optional[float] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    num_items_in_batch: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """Top-k KD loss of the student head's logits, computed in row chunks.
+
+    Args:
+        student_hidden: ``(..., Hs)`` float32/bfloat16/float16/float64 hidden states.
+        student_weight: ``(V, Hs)`` head weight (same dtype); ``student_bias``: ``(V,)`` or None.
+        topk_indices: ``(..., k)`` integer token ids of the teacher's top k, distinct per row.
+        topk_logprobs: ``(..., k)`` the teacher's log-probabilities of those tokens at
+            ``temperature``.
+        divergence, missing_mass, reduction, scale_t2, labels, hard_weight, ignore_index,
+        label_smoothing: as in :func:`kdengine.llm.topk.topk_kd_loss`.
+        num_items_in_batch: divide the summed loss by this count instead of this batch's
+            (non-ignored) rows, so that micro-batches accumulate to the big batch's gradient.
+        chunk_size: rows per chunk (default: automatic, see :mod:`kdengine.llm.fused_linear`).
+
+    Returns:
+        The loss in ``student_hidden``'s dtype: a scalar, or per row (shape ``...``) for
+        ``reduction="none"``. Differentiable in hidden, weight and bias (first order only).
+    """
+    hs = _check_tensor("student_hidden", student_hidden)
+    if hs.dim() < 1:
+        raise ValueError("student_hidden must have shape (..., Hs)")
+    w = _check_tensor("student_weight", student_weight, 2)
+    if w.shape[1] != hs.shape[-1] or w.shape[0] == 0:
+        raise ValueError(f"student_weight must have shape (V >= 1, Hs={hs.shape[-1]}), got {tuple(w.shape)}")
+    _check_same("student_weight", w, hs, "student_hidden")
+    v = w.shape[0]
+    if student_bias is not None:
+        _check_tensor("student_bias", student_bias, 1)
+        if student_bias.shape[0] != v:
+            raise ValueError(f"student_bias must have shape ({v},), got {tuple(student_bias.shape)}")
+        _check_same("student_bias", student_bias, hs, "student_hidden")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
+    cfg = make_topk_config(temperature, divergence=divergence, missing_mass=missing_mass,
+                           scale_t2=scale_t2, hard_weight=hard_weight, has_labels=labels is not None,
+                           ignore_index=ignore_index, label_smoothing=label_smoothing)
+    lead = tuple(hs.shape[:-1])
+    # The top-k checks need only the logits' shape, dtype and device: a zero-stride stand-in.
+    proxy = hs.new_zeros(()).expand(*lead, v)
+    _, idx, lp, lab = _validate(proxy, topk_indices, topk_logprobs, labels, cfg.ignore_index)
+    n, k = math.prod(lead), idx.shape[-1]
+    math_dtype = torch.float64 if hs.dtype == torch.float64 else torch.float32
+    idx2 = idx.reshape(n, k).contiguous()
+    lp2 = lp.reshape(n, k).to(math_dtype).contiguous()
+    lab2 = None if lab is None else lab.reshape(n).contiguous()
+    _check_zero_mass(lp2, lab2, cfg)
+
+    if num_items_in_batch is not None:
+        if reduction not in ("batchmean", "mean"):
+            raise ValueError(f"num_items_in_batch needs reduction='batchmean' (or 'mean'), got {reduction!r}")
+        if isinstance(num_items_in_batch, Tensor):
+            num_items_in_batch = num_items_in_batch.item()
+        if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real) \
+                or not num_items_in_batch > 0:
+            raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
+        count = float(num_items_in_batch)
+    elif lab2 is not None:
+        count = float(max(1, int((lab2 != cfg.ignore_index).sum())))
+    else:
+        count = float(max(1, n))
+    denom = {"sum": 1.0, "none": 1.0, "batchmean": count, "mean": count * v}[reduction]
+    per_row = reduction == "none"
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int (or None for automatic), got {chunk_size!r}")
+
+    def chunk_loss(s: Tensor, teacher: tuple[Tensor, Tensor], labels_c: Optional[Tensor]):
+        rows, grad = topk_kd_rows(s, teacher[0], teacher[1], cfg, labels_c)
+        return (rows if per_row else rows.sum()), grad
+
+    out = fused_linear_chunked(hs.reshape(n, hs.shape[-1]), w, student_bias,
+                               _TopKTeacherRows(idx2, lp2), chunk_loss, lab2, denom=denom,
+                               chunk_size=chunk_size, per_row=per_row)
+    return out.reshape(lead) if per_row else out
