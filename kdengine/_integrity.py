@@ -1,4 +1,5 @@
-"""The hashes that kdengine's files carry (packed models, checkpoints, teacher caches).
+"""Integrity of kdengine's files (packed models, checkpoints, teacher caches, inputs): the path
+must be a regular file (checked before opening), and the hashes the files carry.
 
 ``payload_sha256``: sha256 over the tensors in sorted name order, each as its name, dtype name
 (``float32``, ``bfloat16``, ``uint8``...), JSON shape and raw little-endian bytes, separated by NUL.
@@ -10,10 +11,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor
+
+
+def check_regular_file(path: "str | os.PathLike[str]", what: str = "file") -> os.stat_result:
+    """os.stat ``path`` (never opens it, so a FIFO cannot block) and require a regular file;
+    else a ValueError naming the path (FileNotFoundError if it does not exist)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file")
+        raise ValueError(f"{path}: is {kind}, not a regular {what}")
+    return st
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import struct
 from collections import OrderedDict
 from typing import Any, Callable, Union
@@ -59,7 +58,7 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor, nn
 
-from kdengine._integrity import json_sha256, payload_sha256, write_sealed_safetensors
+from kdengine._integrity import check_regular_file, json_sha256, payload_sha256, write_sealed_safetensors
 
 from kdengine.nn.binary import MODES, BinaryConv2d, BinaryLinear
 from kdengine.nn.packed import PackedBinaryConv2d, PackedBinaryLinear
@@ -448,16 +447,7 @@ def _json_loads(text: Any, where: str, what: str) -> Any:
 def _read_regular_file(where: str) -> bytes:
     """The bytes of ``where``, which must be a regular file: a directory, device or FIFO is a
     ValueError at once (checked with os.stat before opening, so a FIFO never blocks)."""
-    try:
-        st = os.stat(where)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{where}: no such file") from None
-    except OSError as exc:
-        raise ValueError(f"{where}: cannot read it: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file")
-        raise ValueError(f"{where}: is {kind}, not a regular file")
+    check_regular_file(where)
     try:
         with open(where, "rb") as f:
             return f.read()

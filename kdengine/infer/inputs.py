@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import stat
 import struct
 import zipfile
 from typing import IO
 
 import numpy as np
+
+from kdengine._integrity import check_regular_file  # re-exported: infer's callers use it
 
 DEFAULT_MAX_INPUT_MB = 256
 DEFAULT_MAX_INPUT_BYTES = DEFAULT_MAX_INPUT_MB * 2**20
@@ -25,22 +25,6 @@ _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 __all__ = ["DEFAULT_MAX_INPUT_MB", "DEFAULT_MAX_INPUT_BYTES", "check_regular_file", "check_input_file"]
-
-
-def check_regular_file(path: str, what: str = "file") -> os.stat_result:
-    """os.stat ``path`` (never opens it) and require a regular file; else a ValueError (a
-    FileNotFoundError if it does not exist), naming the path."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such {what}") from None
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read it: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file")
-        raise ValueError(f"{path}: is {kind}, not a regular {what}")
-    return st
 
 
 def _npy_nbytes(f: IO[bytes], where: str) -> int:

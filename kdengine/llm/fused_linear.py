@@ -57,7 +57,6 @@ raises RuntimeError.
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from typing import Callable, Optional, Union
 
@@ -340,12 +339,9 @@ def _check_same(name: str, x: Tensor, ref: Tensor, ref_name: str, dtype: bool = 
         raise ValueError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; expected one dtype")
 
 
-def _prepare(
-    student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias,
-    teacher_bias, labels, temperature, reduction, divergence, beta, hard_weight, ignore_index,
-    label_smoothing, scale_t2, num_items_in_batch, chunk_size, teacher_vocab, backend,
-    loss_scale=1.0, soft_hard=None,
-):
+def check_student_head(student_hidden: object, student_weight: object,
+                       student_bias: Optional[Tensor]) -> tuple[Tensor, Tensor, int, tuple]:
+    """Validate the student side: ``(hidden, weight, V, leading dims of hidden)``."""
     hs = _check_tensor("student_hidden", student_hidden)
     if hs.dim() < 1:
         raise ValueError("student_hidden must have shape (..., Hs)")
@@ -361,7 +357,47 @@ def _prepare(
         if student_bias.shape[0] != v:
             raise ValueError(f"student_bias must have shape ({v},), got {tuple(student_bias.shape)}")
         _check_same("student_bias", student_bias, hs, "student_hidden")
-    lead = hs.shape[:-1]
+    return hs, w, v, tuple(hs.shape[:-1])
+
+
+def check_chunk_size(chunk_size: object, n: int, v: int) -> int:
+    """Rows per chunk: ``chunk_size`` checked, or :func:`auto_chunk_size` when None."""
+    if chunk_size is None:
+        return auto_chunk_size(n, v)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int (or None for automatic), got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def loss_denominator(reduction: str, num_items_in_batch: object, labels: Optional[Tensor],
+                     ignore_index: int, n: int, v: int) -> float:
+    """What the summed loss is divided by: 1 (sum, none), the count of non-ignored rows (or
+    ``num_items_in_batch``) for batchmean, times V for mean."""
+    if num_items_in_batch is not None:
+        if reduction not in ("batchmean", "mean"):
+            raise ValueError(f"num_items_in_batch needs reduction='batchmean' (or 'mean'), got {reduction!r}")
+        if isinstance(num_items_in_batch, Tensor):
+            num_items_in_batch = num_items_in_batch.item()
+        if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real) \
+                or not num_items_in_batch > 0:
+            raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
+        count = float(num_items_in_batch)
+    elif labels is not None:
+        count = float(max(1, int((labels != ignore_index).sum())))
+    else:
+        count = float(max(1, n))
+    if reduction in ("sum", "none"):
+        return 1.0
+    return count if reduction == "batchmean" else count * v
+
+
+def _prepare(
+    student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias,
+    teacher_bias, labels, temperature, reduction, divergence, beta, hard_weight, ignore_index,
+    label_smoothing, scale_t2, num_items_in_batch, chunk_size, teacher_vocab, backend,
+    loss_scale=1.0, soft_hard=None,
+):
+    hs, w, v, lead = check_student_head(student_hidden, student_weight, student_bias)
     h2 = hs.reshape(-1, hs.shape[-1])
     n = h2.shape[0]
     if teacher_vocab not in TEACHER_VOCAB_CHOICES:
@@ -424,34 +460,9 @@ def _prepare(
         if n and bool(bad.any()):
             raise ValueError(f"labels must be in [0, {v}) or equal ignore_index={cfg.ignore_index}; "
                              f"found {lab[bad][0].item()}")
-    if chunk_size is None:
-        chunk = auto_chunk_size(n, v)
-    else:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0:
-            raise ValueError(f"chunk_size must be a positive int (or None for automatic), got {chunk_size!r}")
-        chunk = int(chunk_size)
-
+    chunk = check_chunk_size(chunk_size, n, v)
     red = cfg.reduction
-    if num_items_in_batch is not None:
-        if red not in (Reduction.BATCHMEAN, Reduction.MEAN):
-            raise ValueError("num_items_in_batch needs reduction='batchmean' (or 'mean'), got "
-                             f"{reduction!r}")
-        if isinstance(num_items_in_batch, Tensor):
-            num_items_in_batch = num_items_in_batch.item()
-        if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real) \
-                or not num_items_in_batch > 0:
-            raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
-        count = float(num_items_in_batch)
-    elif lab is not None:
-        count = float(max(1, int((lab != cfg.ignore_index).sum())))
-    else:
-        count = float(max(1, n))
-    if red in (Reduction.SUM, Reduction.NONE):
-        denom = 1.0
-    elif red == Reduction.BATCHMEAN:
-        denom = count
-    else:
-        denom = count * v
+    denom = loss_denominator(reduction, num_items_in_batch, lab, cfg.ignore_index, n, v)
     name = _dispatch.resolve(OP, hs.device, backend)
     per_row = red == Reduction.NONE
     chunk_cfg = dataclasses.replace(cfg, reduction=Reduction.NONE if per_row else Reduction.SUM)

@@ -12,13 +12,17 @@ log-probabilities (an offline cache, :mod:`kdengine.llm.teacher_cache`).
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from kdengine.llm.fused_linear import _check_same, _check_tensor, fused_linear_chunked
+from kdengine.llm.fused_linear import (
+    check_chunk_size,
+    check_student_head,
+    fused_linear_chunked,
+    loss_denominator,
+)
 from kdengine.llm.topk import _check_zero_mass, _validate, make_topk_config, topk_kd_rows
 
 _REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -71,25 +75,12 @@ def fused_linear_topk_kd_loss(
         The loss in ``student_hidden``'s dtype: a scalar, or per row (shape ``...``) for
         ``reduction="none"``. Differentiable in hidden, weight and bias (first order only).
     """
-    hs = _check_tensor("student_hidden", student_hidden)
-    if hs.dim() < 1:
-        raise ValueError("student_hidden must have shape (..., Hs)")
-    w = _check_tensor("student_weight", student_weight, 2)
-    if w.shape[1] != hs.shape[-1] or w.shape[0] == 0:
-        raise ValueError(f"student_weight must have shape (V >= 1, Hs={hs.shape[-1]}), got {tuple(w.shape)}")
-    _check_same("student_weight", w, hs, "student_hidden")
-    v = w.shape[0]
-    if student_bias is not None:
-        _check_tensor("student_bias", student_bias, 1)
-        if student_bias.shape[0] != v:
-            raise ValueError(f"student_bias must have shape ({v},), got {tuple(student_bias.shape)}")
-        _check_same("student_bias", student_bias, hs, "student_hidden")
+    hs, w, v, lead = check_student_head(student_hidden, student_weight, student_bias)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
     cfg = make_topk_config(temperature, divergence=divergence, missing_mass=missing_mass,
                            scale_t2=scale_t2, hard_weight=hard_weight, has_labels=labels is not None,
                            ignore_index=ignore_index, label_smoothing=label_smoothing)
-    lead = tuple(hs.shape[:-1])
     # The top-k checks need only the logits' shape, dtype and device: a zero-stride stand-in.
     proxy = hs.new_zeros(()).expand(*lead, v)
     _, idx, lp, lab = _validate(proxy, topk_indices, topk_logprobs, labels, cfg.ignore_index)
@@ -100,24 +91,9 @@ def fused_linear_topk_kd_loss(
     lab2 = None if lab is None else lab.reshape(n).contiguous()
     _check_zero_mass(lp2, lab2, cfg)
 
-    if num_items_in_batch is not None:
-        if reduction not in ("batchmean", "mean"):
-            raise ValueError(f"num_items_in_batch needs reduction='batchmean' (or 'mean'), got {reduction!r}")
-        if isinstance(num_items_in_batch, Tensor):
-            num_items_in_batch = num_items_in_batch.item()
-        if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real) \
-                or not num_items_in_batch > 0:
-            raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
-        count = float(num_items_in_batch)
-    elif lab2 is not None:
-        count = float(max(1, int((lab2 != cfg.ignore_index).sum())))
-    else:
-        count = float(max(1, n))
-    denom = {"sum": 1.0, "none": 1.0, "batchmean": count, "mean": count * v}[reduction]
+    denom = loss_denominator(reduction, num_items_in_batch, lab2, cfg.ignore_index, n, v)
     per_row = reduction == "none"
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive int (or None for automatic), got {chunk_size!r}")
+    chunk = check_chunk_size(chunk_size, n, v)
 
     def chunk_loss(s: Tensor, teacher: tuple[Tensor, Tensor], labels_c: Optional[Tensor]):
         rows, grad = topk_kd_rows(s, teacher[0], teacher[1], cfg, labels_c)
@@ -125,5 +101,5 @@ def fused_linear_topk_kd_loss(
 
     out = fused_linear_chunked(hs.reshape(n, hs.shape[-1]), w, student_bias,
                                _TopKTeacherRows(idx2, lp2), chunk_loss, lab2, denom=denom,
-                               chunk_size=chunk_size, per_row=per_row)
+                               chunk_size=chunk, per_row=per_row)
     return out.reshape(lead) if per_row else out

@@ -55,14 +55,13 @@ RuntimeError at the ``create_graph=True`` backward).
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from kdengine.ops.kd_loss import _check_float
+from kdengine.ops.kd_loss import _check_float, check_hard_ce
 
 __all__ = [
     "TopKConfig",
@@ -125,17 +124,8 @@ def make_topk_config(temperature: object = 1.0, *, divergence: str = "forward_kl
             "teacher is 0 off its top-k tokens wherever the student has mass; use "
             "missing_mass='tail' or 'uniform' for reverse KL"
         )
-    alpha = (0.5 if has_labels else 0.0) if hard_weight is None else _check_float("hard_weight", hard_weight)
-    if not (0.0 <= alpha <= 1.0):
-        raise ValueError(f"hard_weight must be in [0, 1], got {alpha}")
-    if alpha > 0.0 and not has_labels:
-        raise ValueError(f"hard_weight={alpha} needs labels=; pass labels or hard_weight=0")
-    eps = _check_float("label_smoothing", label_smoothing)
-    if not (0.0 <= eps < 1.0):
-        raise ValueError(f"label_smoothing must be in [0, 1), got {eps}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    return TopKConfig(t, scale_t2, divergence, missing_mass, alpha, int(ignore_index), eps)
+    alpha, ignore_index, eps = check_hard_ce(hard_weight, has_labels, ignore_index, label_smoothing)
+    return TopKConfig(t, scale_t2, divergence, missing_mass, alpha, ignore_index, eps)
 
 
 def retemper_topk(logprobs: Tensor, from_temperature: float, to_temperature: float) -> Tensor:

@@ -69,6 +69,26 @@ def _check_float(name: str, value: object) -> float:
     return float(value)
 
 
+def check_hard_ce(hard_weight: object, has_labels: bool, ignore_index: object,
+                  label_smoothing: object) -> tuple[float, int, float]:
+    """The hard-label CE options, checked: ``(alpha, ignore_index, label_smoothing)``; alpha
+    defaults to 0.5 with labels and 0 without."""
+    if hard_weight is None:
+        alpha = 0.5 if has_labels else 0.0
+    else:
+        alpha = _check_float("hard_weight", hard_weight)
+    if not (0.0 <= alpha <= 1.0):
+        raise ValueError(f"hard_weight must be in [0, 1], got {alpha}")
+    if alpha > 0.0 and not has_labels:
+        raise ValueError(f"hard_weight={alpha} needs labels=; pass labels or hard_weight=0")
+    eps = _check_float("label_smoothing", label_smoothing)
+    if not (0.0 <= eps < 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1), got {eps}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return alpha, int(ignore_index), eps
+
+
 def make_config(
     temperature: object,
     reduction: str,
@@ -107,19 +127,7 @@ def make_config(
             f"beta must be in (0, 1) for divergence='jsd', got {b}; use divergence='forward_kl' "
             "or 'reverse_kl' for the end points"
         )
-    if hard_weight is None:
-        alpha = 0.5 if has_labels else 0.0
-    else:
-        alpha = _check_float("hard_weight", hard_weight)
-    if not (0.0 <= alpha <= 1.0):
-        raise ValueError(f"hard_weight must be in [0, 1], got {alpha}")
-    if alpha > 0.0 and not has_labels:
-        raise ValueError(f"hard_weight={alpha} needs labels=; pass labels or hard_weight=0")
-    eps = _check_float("label_smoothing", label_smoothing)
-    if not (0.0 <= eps < 1.0):
-        raise ValueError(f"label_smoothing must be in [0, 1), got {eps}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    alpha, ignore_index, eps = check_hard_ce(hard_weight, has_labels, ignore_index, label_smoothing)
     return KDConfig(
         temperature=t,
         scale_t2=scale_t2,
