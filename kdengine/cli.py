@@ -10,6 +10,20 @@ from pathlib import Path
 SUITES = ("kd", "binary", "spiking", "infer", "llm")
 
 
+def _native_state(kind: str) -> str:
+    """Whether the ``kind`` kernels are compiled in the cache, without compiling them."""
+    from kdengine import _native
+
+    try:
+        _, build_dir, library = _native.build_paths(kind)
+    except _native.NativeBuildError as exc:
+        return str(exc)
+    if _native._complete(build_dir, library):
+        return f"compiled, cached in {build_dir}"
+    return ("not compiled yet: the first use compiles them (once, about a minute); "
+            "`kdengine build` does it ahead")
+
+
 def _doctor(args: argparse.Namespace) -> int:
     import torch
 
@@ -19,17 +33,33 @@ def _doctor(args: argparse.Namespace) -> int:
     info = machine_info()
     print(f"kdengine {kdengine.__version__}  torch {info['torch']}  triton {info['triton']}  "
           f"python {info['python']}")
-    print(f"cpu: {info['cpu']} ({info['cores']} cores, {' '.join(info['cpu_flags'])})  "
-          f"gpu: {info['gpu'] or 'none'}")
-    report = kdengine.backends()
+    print(f"cpu: {info['cpu']} ({info['cores']} cores; {' '.join(info['cpu_flags']) or 'no AVX2'})"
+          f"  gpu: {info['gpu'] or 'none'}")
+    print(f"C++ kernels: {_native_state('cpu')}")
+    report = kdengine.backends()  # compiles the C++ kernels if they are not yet (announced)
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    picks = {(op, d): kdengine._dispatch.resolve(op, torch.device(d), "auto")
+             for op in report for d in devices}
+    rows = []
     for op, entries in report.items():
-        print(f"\n{op}:")
         for name, e in entries.items():
-            mark = "yes" if e["available"] else "no "
-            print(f"  {name:<10} {mark}  {e['reason']}")
-    auto = {d: kdengine._dispatch.resolve(op, torch.device(d), "auto")
-            for op in report for d in (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])}
-    print(f"\nauto picks: {auto}")
+            auto = ",".join(d for d in devices if picks[(op, d)] == name)
+            reason = " ".join(str(e["reason"]).split())
+            if len(reason) > 200 and not args.verbose:
+                reason = reason[:197] + "..."
+            rows.append((op, name, "yes" if e["available"] else "no", auto, reason))
+    header = ("op", "backend", "ok", "auto on", "why")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    print()
+    print(fmt.format(*header))
+    print(fmt.format(*("-" * w for w in widths), "---"))
+    last = None
+    for r in rows:
+        print(fmt.format(r[0] if r[0] != last else "", *r[1:]))
+        last = r[0]
+    if any(r[4].endswith("...") for r in rows):
+        print("\n(reasons cut at 200 characters; `kdengine doctor --verbose` prints them whole)")
     return 0
 
 
@@ -102,12 +132,24 @@ def main(argv: list[str] | None = None) -> int:
         from kdengine.infer import infer_main
 
         return infer_main(argv[1:])
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.cmd is None:  # bare `kdengine`: say what there is, rather than an argparse error
+        ap.print_help()
+        return 0
+    return args.fn(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser (`repro` and `infer` parse their own arguments)."""
     ap = argparse.ArgumentParser(prog="kdengine", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("doctor", help="which backends can run each op here, and why not")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+    p = sub.add_parser("doctor", help="one table: which backend can run each op here, and why not")
+    p.add_argument("--verbose", action="store_true",
+                   help="print each reason whole (a failed build's reason holds its compiler log)")
     p.set_defaults(fn=_doctor)
     p = sub.add_parser("build", help="compile the native (C++/CUDA) kernels ahead of time")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
     p.add_argument("--cuda", action="store_true", help="also try the CUDA extension without a GPU")
     p.set_defaults(fn=_build)
     p = sub.add_parser("bench", help="benchmarks against baselines measured in the same run")
@@ -125,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(p)
     p.set_defaults(fn=_demo)
-    args = ap.parse_args(argv)
-    return args.fn(args)
+    return ap
 
 
 if __name__ == "__main__":
