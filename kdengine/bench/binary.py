@@ -12,8 +12,8 @@ CPU rows:
 
 Roofline. ``popcount_roofline_gmacs`` = threads x clock x 256 binary MACs per clock, i.e. one
 256-bit XOR + popcount + accumulate per clock per core. ``lut_bound_gmacs``
-is the issue-rate bound of the algorithm actually used at these shapes, the table-lookup GEMM of
-csrc/cpu/xnor_lut.cpp: one vpshufb (+ one byte add) per 128 binary MACs, and vpshufb issues on 2
+is the instruction-throughput bound of the algorithm actually used at these shapes, the table-lookup GEMM of
+csrc/cpu/xnor_lut.cpp: one vpshufb (+ one byte add) per 128 binary MACs, and vpshufb executes on 2
 of the 4 vector pipes (Zen 3; Intel cores since Ice Lake also have 2 shuffle ports) = 256 MACs per
 clock per core -- the same number as the popcount roofline, reached by another route. (The
 nibble-LUT popcount kernel it replaced needed XOR + 2 shuffles + 2 adds per 256 MACs: 171 per

@@ -12,9 +12,8 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Optional
 
-__all__ = ["SUITES", "DEFAULT_OUT", "add_arguments", "run_from_args", "main"]
+__all__ = ["SUITES", "DEFAULT_OUT", "add_arguments", "run_from_args", "run_suites"]
 
 SUITES = ("kd", "binary", "spiking", "infer", "llm")
 DEFAULT_OUT = "bench-results/kdengine-bench.json"
@@ -121,11 +120,3 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(f"\nwrote {out}" + (f" and {chart}" if report.write_chart(rows, chart) else ""))
     return 0
 
-
-def main(argv: Optional[list[str]] = None) -> int:
-    p = add_arguments(argparse.ArgumentParser(prog="kdengine bench", description=__doc__.split("\n")[0]))
-    return run_from_args(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
