@@ -1,6 +1,6 @@
 """pytest-benchmark suites: `python -m pytest benches --benchmark-only` (not part of CI's tests).
 
-Sizes come from KDENGINE_BENCH_QUICK=1 (small) or the full sizes of the issue.
+Sizes: KDENGINE_BENCH_QUICK=1 (small) or the full sizes of `kdengine bench`.
 """
 import os
 

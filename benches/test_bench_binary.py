@@ -1,7 +1,7 @@
 """Binary ops on CPU, grouped so pytest-benchmark prints kdengine next to its torch baseline
 (same run, same shapes): XNOR GEMM 1024 x 1024 x 4096 vs fp32 matmul (KDENGINE_BENCH_QUICK=1:
 512 x 512 x 4096) and a batch-1 4096 -> 4096 binary linear (activation packing included) vs
-nn.Linear fp32. The roofline/target summary is `python -m kdengine.bench.binary`."""
+nn.Linear fp32. The roofline summary is `python -m kdengine.bench.binary`."""
 import pytest
 import torch
 

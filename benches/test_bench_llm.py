@@ -13,7 +13,7 @@ _LIGER_OK, _LIGER_WHY = liger_available()
 @pytest.mark.parametrize("impl", VARIANTS)
 def test_llm_kd_fwd_bwd(benchmark, impl):
     if impl == LIGER and not _LIGER_OK:
-        pytest.skip(_LIGER_WHY)
+        pytest.skip(f'{_LIGER_WHY} (to get it: pip install -e ".[bench]")')
     h, w, th, tw, labels = make_inputs(**SIZE)
     step = make_step(impl, h, w, th, tw, labels)
     benchmark.group = "llm fused-linear KD fwd+bwd " + " ".join(f"{k}={v}" for k, v in SIZE.items())

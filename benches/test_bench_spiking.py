@@ -28,7 +28,7 @@ def _impl(name: str, case: str):
         return torch_if_loop if case == "fwd" else torch_if_loop_autograd
     node = spikingjelly_node()
     if node is None:
-        pytest.skip("spikingjelly is not installed (optional: pip install spikingjelly)")
+        pytest.skip('spikingjelly is not installed (to get it: pip install -e ".[bench]")')
 
     def run(x):
         node.reset()

@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from pathlib import Path
 
-
-SUITES = ("kd", "binary", "spiking", "infer", "llm")
 
 
 def _native_state(kind: str) -> str:
@@ -81,39 +77,9 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from kdengine.bench import kd
-    from kdengine.bench.report import format_table, write_chart, write_results
+    from kdengine.bench.command import run_from_args
 
-    suites = args.suite or list(SUITES)
-    rows: list[dict] = []
-    notes: list[str] = []
-    if "kd" in suites:
-        kd_rows = kd.run_kd_bench(quick=args.quick, with_compile=not args.no_compile)
-        rows += kd_rows
-        notes += kd.check_targets(kd_rows)
-    if "llm" in suites:
-        from kdengine.bench import llm
-
-        llm_rows = llm.run_llm_bench(quick=args.quick, with_compile=not args.no_compile)
-        rows += llm_rows
-        notes += llm.check_targets(llm_rows)
-    for name in ("binary", "spiking", "infer"):
-        if name in suites:
-            mod = importlib.import_module(f"kdengine.bench.{name}")
-            suite_rows = getattr(mod, f"run_{name}_bench")(quick=args.quick)
-            rows += suite_rows
-            notes += mod.check_targets(suite_rows)
-    cols = ["suite", "case", "shape", "dtype", "impl", "median_s", "kdengine_speedup",
-            "baseline", "speedup", "peak_extra_MB"]
-    print(format_table(rows, cols))
-    print()
-    for line in notes:
-        print(line)
-    out = Path(args.out)
-    write_results(rows, out, notes)
-    chart = out.with_suffix(".png")
-    print(f"\nwrote {out}" + (f" and {chart}" if write_chart(rows, chart) else ""))
-    return 0
+    return run_from_args(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -153,11 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda", action="store_true", help="also try the CUDA extension without a GPU")
     p.set_defaults(fn=_build)
     p = sub.add_parser("bench", help="benchmarks against baselines measured in the same run")
-    p.add_argument("--quick", action="store_true", help="CI-sized shapes")
-    p.add_argument("--suite", action="append", choices=list(SUITES),
-                   help="suites to run (default: all)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    p.add_argument("--out", default="bench-results/kdengine-bench.json", help="JSON output path")
+    from kdengine.bench.command import add_arguments as bench_arguments
+
+    bench_arguments(p)
     p.set_defaults(fn=_bench)
     sub.add_parser("repro", help="paper reproductions: kdengine repro --list | NAME [--quick]")
     sub.add_parser("infer", help="run a packed model: kdengine infer MODEL INPUT [--batch N] [--json]")

@@ -362,8 +362,7 @@ def test_llm_bench_suite_smoke(tmp_path):
     impls = [r["impl"] for r in rows]
     assert impls[:3] == [llm.FUSED, llm.MATERIALISED, llm.EAGER]
     assert all(r["median_s"] > 0 for r in rows)
-    notes = llm.check_targets(rows)
-    assert any("not judged at this size" in n for n in notes)
+    assert llm.notes(rows) == []  # no memory measured: nothing to say
     assert llm.main(["--n", "24", "--hs", "8", "--ht", "12", "--v", "40", "--repeat", "1",
                      "--no-compile", "--no-memory", "--no-liger", "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "llm.json").exists()

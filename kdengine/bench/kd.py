@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kdengine.bench.timing import peak_rss_delta, time_fn
+from kdengine.bench.timing import missing, peak_rss_delta, progress, time_fn
 
 TEMPERATURE = 2.0
 FULL_SHAPES = [(1024, 32000), (4096, 32000)]
@@ -71,8 +71,16 @@ def run_kd_bench(quick: bool = False, shapes=None, dtype=torch.float32, repeat: 
             impls.append(("torch.compile", torch.compile(torch_kd)))
         results = {}
         for name, fn in impls:
+            progress(f"kd_loss fwd+bwd {n}x{v}: {name}")
             # torch.compile's first call compiles: two warm-up runs keep that out of the timing.
-            r = time_fn(_fwd_bwd(fn, s, t), repeat=repeat, warmup=2 if name == "torch.compile" else 1)
+            try:
+                r = time_fn(_fwd_bwd(fn, s, t), repeat=repeat,
+                            warmup=2 if name == "torch.compile" else 1)
+            except Exception as exc:  # noqa: BLE001 - a baseline that fails is reported, not fatal
+                if name.startswith("kdengine"):
+                    raise
+                missing("kd_loss", name, f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
             results[name] = r["median_s"]
             rows.append({
                 "suite": "kd_loss", "case": "fwd+bwd", "shape": f"{n}x{v}", "dtype": str(dtype)[6:],
@@ -80,39 +88,41 @@ def run_kd_bench(quick: bool = False, shapes=None, dtype=torch.float32, repeat: 
                 "floor_s": floor_s, "copy_GBps": bw / 1e9,
             })
         ours = results[f"kdengine[{backend}]"]
-        for row in rows[-len(impls):]:
+        for row in rows[-len(results):]:
             row["kdengine_speedup"] = row["median_s"] / ours
         if with_memory:
-            for row in rows[-len(impls):]:
+            for row in rows[-len(results):]:
                 impl = {"torch eager": "eager", f"kdengine[{backend}]": "kdengine"}.get(row["impl"])
                 if impl is None:
                     continue
+                progress(f"kd_loss fwd+bwd {n}x{v}: peak memory of {row['impl']} (fresh process)")
                 peak = peak_rss_delta("kdengine.bench.kd_mem",
                                       ["--impl", impl, "--n", str(n), "--v", str(v)])
                 row["peak_extra_MB"] = None if peak is None else peak / 2**20
     return rows
 
 
-def check_targets(rows: list[dict]) -> list[str]:
-    """The issue's CPU goals as text lines: >= 10x eager, >= 2.5x torch.compile."""
+def notes(rows: list[dict]) -> list[str]:
+    """Neutral text lines: the bytes kdengine moves per second against the copy bandwidth of the
+    same run, and the peak extra memory of each implementation."""
     lines = []
-    for shape in sorted({r["shape"] for r in rows}):
-        by = {r["impl"]: r for r in rows if r["shape"] == shape}
+    for shape in sorted({r["shape"] for r in rows if r.get("suite") == "kd_loss"}):
+        by = {r["impl"]: r for r in rows if r.get("suite") == "kd_loss" and r["shape"] == shape}
         ours = next((r for k, r in by.items() if k.startswith("kdengine")), None)
         if ours is None:
             continue
-        judged = shape in {f"{n}x{v}" for n, v in FULL_SHAPES}
-        for base, goal in (("torch eager", 10.0), ("torch.compile", 2.5)):
-            if base in by:
-                sp = by[base]["median_s"] / ours["median_s"]
-                verdict = ("met" if sp >= goal else "NOT met") if judged else "not judged at this size"
-                lines.append(f"{shape}: {sp:.1f}x vs {base} (goal {goal}x at "
-                             f"{' and '.join(f'{n}x{v}' for n, v in FULL_SHAPES)}) {verdict}")
-        lines.append(f"{shape}: {ours['floor_s'] / ours['median_s'] * 100:.0f}% of the byte floor "
-                     f"({ours['floor_s'] * 1e3:.1f} ms at {ours['copy_GBps']:.1f} GB/s)")
+        gbps = ours["floor_s"] * ours["copy_GBps"] / ours["median_s"]
+        lines.append(f"KD fwd+bwd {shape}: {ours['impl']} moves {gbps:.1f} GB/s (read student and "
+                     f"teacher, write the gradient), {100 * gbps / ours['copy_GBps']:.0f} % of the copy "
+                     f"bandwidth measured in this run ({ours['copy_GBps']:.1f} GB/s)")
+        mem = [f"{k} {r['peak_extra_MB']:.0f} MiB" for k, r in by.items() if r.get("peak_extra_MB") is not None]
+        if mem:
+            lines.append(f"KD fwd+bwd {shape}: peak extra RSS " + ", ".join(mem))
     return lines
 
 
 if __name__ == "__main__":  # pragma: no cover
-    for row in run_kd_bench(quick=True):
+    out = run_kd_bench(quick=True)
+    for row in out:
         print(row)
+    print("\n".join(notes(out)))

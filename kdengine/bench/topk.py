@@ -18,16 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from kdengine.bench.kd import torch_kd
 from kdengine.bench.timing import time_fn
-
-
-def _torch_eager(s, t, temperature):
-    return torch.nn.functional.kl_div(
-        torch.log_softmax(s / temperature, dim=-1),
-        torch.log_softmax(t / temperature, dim=-1),
-        reduction="batchmean",
-        log_target=True,
-    ) * (temperature * temperature)
 
 
 def run_topk_bench(n: int = 4096, v: int = 32000, k: int = 64, temperature: float = 2.0,
@@ -51,7 +43,7 @@ def run_topk_bench(n: int = 4096, v: int = 32000, k: int = 64, temperature: floa
     for rule in rules:
         fns[f"topk[{rule}]"] = (lambda x, r=rule: topk_kd_loss(x, idx, lp, temperature, missing_mass=r))
     fns[f"kd_loss[{dense_backend}]"] = lambda x: kdengine.kd_loss(x, t, temperature, backend=dense_backend)
-    fns["torch_eager"] = lambda x: _torch_eager(x, t, temperature)
+    fns["torch_eager"] = lambda x: torch_kd(x, t, temperature)
 
     out: dict = {"shape": [n, v], "k": k, "temperature": temperature, "threads": torch.get_num_threads(),
                  "fwd": {}, "fwd_bwd": {}}

@@ -176,6 +176,10 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _bytes(v: int) -> str:
+    return f"{v / 1e6:.2f} MB" if v >= 1e6 else f"{v / 1e3:.1f} kB" if v >= 1e3 else f"{v} B"
+
+
 def write_plot(res: dict, path: str) -> Optional[str]:
     """``demo.png``: accuracy / size / latency bars, SNN accuracy vs time step, crossbar accuracy vs
     ADC bits and vs bit-error rate. Returns None, or why no plot was written."""
@@ -199,18 +203,25 @@ def write_plot(res: dict, path: str) -> Optional[str]:
     for i, v in enumerate(accs):
         a.text(v, i, f" {v:.2f}", va="center", fontsize=7)
     a = ax[0, 1]
-    a.barh(labels, [r["size bytes"] for r in rows], color="tab:green")
+    sizes = [r["size bytes"] for r in rows]
+    a.barh(labels, sizes, color="tab:green")
     a.set_xscale("log")
+    a.set_xlim(min(sizes) / 2, max(sizes) * 8)
     a.xaxis.set_minor_formatter(NullFormatter())
     a.set_xlabel("size (bytes, log)")
     a.invert_yaxis()
+    for i, v in enumerate(sizes):
+        a.text(v, i, f" {_bytes(v)}", va="center", fontsize=7)
     a = ax[0, 2]
     lat = [(r["key"], r["batch-1 p50 ms"], r["batch-1 p99 ms"]) for r in rows if r["batch-1 p50 ms"] is not None]
     fl = res["runtime"]["latency_batch1_ms"]["student_float_eager"]
     lat.insert(2, ("student fp32 arch", fl["p50_ms"], fl["p99_ms"]))
     a.barh([k for k, _, _ in lat], [v for _, v, _ in lat], color="tab:orange", label="p50")
     a.scatter([p for _, _, p in lat], [k for k, _, _ in lat], marker="|", color="k", s=80, label="p99")
+    for i, (_, p50, p99) in enumerate(lat):
+        a.text(max(p50, p99), i, f"  p50 {p50:.3g} / p99 {p99:.3g} ms", va="center", fontsize=7)
     a.set_xscale("log")
+    a.set_xlim(min(v for _, v, _ in lat) / 2, max(p for _, _, p in lat) * 30)
     a.xaxis.set_minor_formatter(NullFormatter())
     a.set_xlabel("batch-1 latency (ms, log)")
     a.legend(fontsize=7)
@@ -242,11 +253,26 @@ def write_plot(res: dict, path: str) -> Optional[str]:
     a.legend(fontsize=7)
     a.set_title("crossbar: accuracy vs ADC resolution", fontsize=9)
     a = ax[1, 2]
-    qs = list(x["accuracy_vs_bit_error_rate_ideal_adc"])
+    sweep = x["accuracy_vs_bit_error_rate_ideal_adc"]
+    qs = list(sweep)
     xs = [float(q) if float(q) > 0 else 1e-5 for q in qs]
-    a.plot(xs, [100 * x["accuracy_vs_bit_error_rate_ideal_adc"][q] for q in qs], "o-",
-           label=f"ideal ADC, flip seed {res['config']['seed']}")
+    per_q = [v if isinstance(v, list) else [v] for v in (sweep[q] for q in qs)]
+    n_seeds = max(len(v) for v in per_q)
+    if n_seeds == 1:  # one flip seed: points, not a trend line
+        a.plot(xs, [100 * v[0] for v in per_q], "o", ms=7, linestyle="none",
+               label=f"ideal ADC, 1 seed (flip seed {res['config']['seed']})")
+    else:
+        for j in range(n_seeds):
+            pts = [(xq, 100 * v[j]) for xq, v in zip(xs, per_q) if j < len(v)]
+            a.plot([p[0] for p in pts], [p[1] for p in pts], "o", alpha=0.6, linestyle="none", color="tab:blue",
+                   label=f"ideal ADC, {n_seeds} seeds (one marker each; number: mean)" if j == 0 else None)
+    for xq, v in zip(xs, per_q):
+        a.annotate(f"{100 * sum(v) / len(v):.1f}", (xq, 100 * max(v)), textcoords="offset points",
+                   xytext=(0, 6), ha="center", fontsize=7)
+    flat = [100 * u for v in per_q for u in v]
+    a.set_ylim(min(flat) - 1.0, max(flat) + 0.8)
     a.set_xscale("log")
+    a.set_xlim(xs[0] / 3, xs[-1] * 3)
     a.set_xticks(xs)
     a.set_xticklabels(["0"] + [f"{float(q):g}" for q in qs[1:]] if float(qs[0]) == 0 else [f"{float(q):g}" for q in qs])
     a.set_xlabel("stored-bit error rate")
