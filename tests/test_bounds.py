@@ -13,7 +13,7 @@ from kdengine.ops import binary as bops
 from kdengine.ops.binary import (
     PackedSigns, binary_conv2d, binary_linear, pack_signs, pack_spikes, spike_matmul, xnor_matmul,
 )
-from kdengine.ops.spiking import if_multistep
+from kdengine.ops.if_multistep import if_multistep
 from tests.backend_params import backend_params
 
 # --------------------------------------------------------------------------- K >= 2^31

@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from kdengine import _dispatch, _native
-from kdengine.ops.kd_config import Divergence, KDConfig, Reduction
+from kdengine.ops.kd_loss.config import Divergence, KDConfig, Reduction
 
 CUDA_DIR = _native.CSRC / "cuda"
 CU_FILES = sorted(CUDA_DIR.glob("*.cu"))

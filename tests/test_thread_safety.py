@@ -19,7 +19,7 @@ from kdengine import _dispatch
 from kdengine.infer import MAX_PLANS, InferenceModel
 from kdengine.ops import binary as bops
 from kdengine.ops.binary import binary_conv2d, binary_linear, pack_signs, pack_spikes, spike_matmul, xnor_matmul
-from kdengine.ops.spiking import if_multistep
+from kdengine.ops.if_multistep import if_multistep
 from tests.backend_params import backend_params
 
 THREADS = 6

@@ -1,6 +1,6 @@
 """Triton multi-step integrate-and-fire kernels: forward over all T steps, fused backward through time.
 
-Math (per neuron; state in fp32, or fp64 for float64 input; see kdengine/reference/spiking.py):
+Math (per neuron; state in fp32, or fp64 for float64 input; see kdengine/ops/if_multistep/reference.py):
 
     h_t = v_{t-1} + x_t;  s_t = [h_t >= theta] (NaN if h_t is NaN)
     v_t = s_t ? h_t - theta : h_t   (soft reset)   |   s_t ? v_reset : h_t   (hard reset)

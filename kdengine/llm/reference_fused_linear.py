@@ -1,6 +1,6 @@
 """Float64 materialised reference of the fused linear + KD loss (the oracle of kdengine.llm).
 
-Builds the full logits ``hidden @ W.T + b`` in float64 and applies :mod:`kdengine.reference.kd_loss`;
+Builds the full logits ``hidden @ W.T + b`` in float64 and applies :mod:`kdengine.ops.kd_loss.reference`;
 differentiable with autograd, so the tests take its gradients as the ground truth.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kdengine.ops.kd_config import KDConfig, Reduction
-from kdengine.reference.kd_loss import kd_loss_reference
+from kdengine.ops.kd_loss.config import KDConfig, Reduction
+from kdengine.ops.kd_loss.reference import kd_loss_reference
 
 
 def materialised_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""Registers the kd_loss implementations of every backend (see the contract in ops/kd_loss.py)."""
+"""Registers the kd_loss implementations of every backend (see the contract in ops/kd_loss/op.py)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,7 +6,7 @@ from typing import Optional
 from torch import Tensor
 
 from kdengine import _dispatch
-from kdengine.ops.kd_config import KDConfig
+from kdengine.ops.kd_loss.config import KDConfig
 
 
 def _native_call(kind: str, student: Tensor, teacher: Tensor, labels: Optional[Tensor], cfg: KDConfig):
@@ -25,7 +25,7 @@ def _reference(student, teacher, labels, cfg):
     """Reference through the library op (tests): loss and gradients from autograd of the spec."""
     import torch
 
-    from kdengine.reference.kd_loss import kd_loss_reference
+    from kdengine.ops.kd_loss.reference import kd_loss_reference
 
     with torch.enable_grad():
         s = student.detach().requires_grad_(True)
@@ -54,6 +54,6 @@ def _cuda(student, teacher, labels, cfg):
 
 @_dispatch.register("kd_loss", "triton")
 def _triton(student, teacher, labels, cfg):
-    from kdengine.kernels.kd_loss import kd_loss_triton
+    from kdengine.ops.kd_loss.triton_kernel import kd_loss_triton
 
     return kd_loss_triton(student, teacher, labels, cfg)

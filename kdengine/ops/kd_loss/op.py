@@ -10,11 +10,11 @@ Backend contract (every entry of the registry implements it)::
     impl(student, teacher, labels, cfg) -> (loss, grad_student, grad_teacher | None)
 
 ``student``/``teacher``: contiguous ``(N, V)`` of one floating dtype; ``labels``: contiguous
-``(N,)`` int64 or None; ``cfg``: :class:`~kdengine.ops.kd_config.KDConfig`. ``loss``: float32
+``(N,)`` int64 or None; ``cfg``: :class:`~kdengine.ops.kd_loss.config.KDConfig`. ``loss``: float32
 (float64 for float64 inputs), 0-dim for scalar reductions, ``(N,)`` for ``"none"``.
 ``grad_student`` = d loss / d student in the input dtype (for ``"none"``: d loss_r / d student_r,
 row by row); ``grad_teacher`` likewise, or None unless ``cfg.need_teacher_grad``. The semantics
-are those of :mod:`kdengine.reference.kd_loss`. A label outside ``[0, V)`` that is not
+are those of :mod:`kdengine.ops.kd_loss.reference`. A label outside ``[0, V)`` that is not
 ``ignore_index`` must give a NaN row, never an out-of-bounds read (the eager entry point raises
 before that; compiled graphs cannot).
 """
@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from kdengine import _dispatch
-from kdengine.reference.kd_loss import LARGE_T
-from kdengine.ops.kd_config import (
+from kdengine.ops.kd_loss.reference import LARGE_T
+from kdengine.ops.kd_loss.config import (
     DIVERGENCE_NAMES,
     REDUCTION_NAMES,
     Divergence,
@@ -367,7 +367,7 @@ def kd_loss(
         # saved-gradient backward: they differentiate the reference formulation instead.
         name = "reference"
     if s2.shape[0] == 0 or name == "reference":
-        from kdengine.reference.kd_loss import kd_loss_reference
+        from kdengine.ops.kd_loss.reference import kd_loss_reference
 
         loss = kd_loss_reference(s2, t2, lab2, cfg)
     else:

@@ -1,6 +1,6 @@
 """Triton backend of the fused KD loss: loss and d loss/d student (and teacher) in one launch.
 
-Math (spec: kdengine/reference/kd_loss.py and the backend contract in kdengine/ops/kd_loss.py).
+Math (spec: kdengine/ops/kd_loss/reference.py and the backend contract in kdengine/ops/kd_loss/op.py).
 Per row r, a = s/T, b = t/T, q = softmax(a) (student), p = softmax(b) (teacher). All exponentials
 are base 2 on prescaled logits, z = (x - max x) * log2(e)/T, so q_i = 2^z_i / S and
 log2 q_i = z_i - log2 S; divergences are accumulated in log2 units and multiplied by ln 2 once:
@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kdengine.ops.kd_config import Divergence, KDConfig, Reduction
+from kdengine.ops.kd_loss.config import Divergence, KDConfig, Reduction
 
 __all__ = ["kd_loss_triton", "launch_config", "BLOCK_ENV", "FORCE_BLOCK"]
 
@@ -526,7 +526,7 @@ def kd_loss_triton(
         student, teacher: ``(N, V)`` logits, one dtype in {float32, bfloat16, float16, float64},
             on a CUDA device (or on CPU under ``TRITON_INTERPRET=1``).
         labels: ``(N,)`` int64 class indices or None (needed when ``cfg.hard_weight > 0``).
-        cfg: the validated :class:`~kdengine.ops.kd_config.KDConfig`.
+        cfg: the validated :class:`~kdengine.ops.kd_loss.config.KDConfig`.
 
     Returns:
         ``(loss, grad_student, grad_teacher)``: loss float32 (float64 for float64 inputs), 0-dim

@@ -17,7 +17,7 @@ Per row (log p = log_softmax(student / T), t_j = exp(l_j), m = sum_j t_j, K = th
 
 ``1 - m`` is clamped at 0 (rounding can push m slightly above 1). D = KL(teacher || student)
 (forward) or KL(student || teacher) (reverse) over those buckets; KD_r = T^2 D when scale_t2.
-The hard term and the row weights are those of :mod:`kdengine.reference.kd_loss`:
+The hard term and the row weights are those of :mod:`kdengine.ops.kd_loss.reference`:
 L_r = w_r (alpha CE_r + (1 - alpha) KD_r). Returns per-row losses (N,) in float64.
 """
 from __future__ import annotations

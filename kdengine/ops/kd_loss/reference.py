@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from kdengine.ops.kd_config import Divergence, KDConfig, Reduction
+from kdengine.ops.kd_loss.config import Divergence, KDConfig, Reduction
 
 
 def _math_dtype(x: Tensor) -> torch.dtype:

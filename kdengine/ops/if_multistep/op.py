@@ -5,7 +5,7 @@ It validates the inputs, flattens the neurons to ``(T, N)``, picks a backend
 ``kdengine::if_multistep_fwd`` and ``kdengine::if_multistep_bwd`` (the latter is the former's
 backward: one reverse loop over T), each with a fake (meta) implementation, so a model calling
 ``if_multistep`` traces under ``torch.compile``. The reference backend is the autograd step loop
-of :mod:`kdengine.reference.spiking` (the spec). ``if_multistep_bwd`` has an autograd formula of
+of :mod:`kdengine.ops.if_multistep.reference` (the spec). ``if_multistep_bwd`` has an autograd formula of
 its own (double backward: the reference loop's second derivatives for backends that keep x, a
 RuntimeError for those that keep only h; see :func:`if_multistep`).
 
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from kdengine import _dispatch
-from kdengine.reference.spiking import DEFAULT_ALPHA, SURROGATES, state_dtype
+from kdengine.ops.if_multistep.reference import DEFAULT_ALPHA, SURROGATES, state_dtype
 
 OP = "if_multistep"
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -61,7 +61,7 @@ class IFImpl:
 
 
 def _ref_fwd(x, v_init, v_threshold, hard_reset, v_reset, save_h):
-    from kdengine.reference.spiking import if_multistep_reference
+    from kdengine.ops.if_multistep.reference import if_multistep_reference
 
     with torch.no_grad():
         s, v = if_multistep_reference(x, v_threshold, v_reset if hard_reset else None, v_init)
@@ -71,7 +71,7 @@ def _ref_fwd(x, v_init, v_threshold, hard_reset, v_reset, save_h):
 def _ref_bwd(x, v_init, h, gs, gv, v_threshold, hard_reset, v_reset, surrogate, alpha,
              detach_reset):
     """Autograd of the reference step loop (used through the library op in tests)."""
-    from kdengine.reference.spiking import if_multistep_reference
+    from kdengine.ops.if_multistep.reference import if_multistep_reference
 
     with torch.enable_grad():
         xl = x.detach().requires_grad_(True)
@@ -125,14 +125,14 @@ def _cuda_bwd(x, v_init, h, gs, gv, v_threshold, hard_reset, v_reset, surrogate,
 
 
 def _triton_fwd(x, v_init, v_threshold, hard_reset, v_reset, save_h):
-    from kdengine.kernels.spiking import if_fwd_triton
+    from kdengine.ops.if_multistep.triton_kernel import if_fwd_triton
 
     return if_fwd_triton(x, v_init, v_threshold, hard_reset, v_reset, save_h)
 
 
 def _triton_bwd(x, v_init, h, gs, gv, v_threshold, hard_reset, v_reset, surrogate, alpha,
                 detach_reset):
-    from kdengine.kernels.spiking import if_bwd_triton
+    from kdengine.ops.if_multistep.triton_kernel import if_bwd_triton
 
     return if_bwd_triton(h, gs, gv, v_threshold, hard_reset, v_reset, surrogate, alpha,
                          detach_reset)
@@ -243,7 +243,7 @@ _if_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ``torch.autograd.functional.hvp``) the first-order gradients still come from the kernel, and
 # differentiating them re-runs the reference step loop on the saved x / v_init and takes the
 # vector-Jacobian product of *its* backward -- the derivative of the surrogate backward formula
-# (the spec, :mod:`kdengine.reference.spiking`), so every backend gives the reference's second
+# (the spec, :mod:`kdengine.ops.if_multistep.reference`), so every backend gives the reference's second
 # derivatives. Backends whose backward reads the saved potentials h instead of x (saves_h: triton,
 # cuda) have not kept x and raise instead of returning a wrong (e.g. missing) second-order term.
 
@@ -265,7 +265,7 @@ def _double_backward(ctx, gg_x, gg_v0):
             f"reads the saved membrane potentials, not x. Use backend='cpu' or "
             f"backend='reference' for higher-order gradients."
         )
-    from kdengine.reference.spiking import if_multistep_reference
+    from kdengine.ops.if_multistep.reference import if_multistep_reference
 
     x, v_init, gs, gv = ctx.saved_tensors
     create_graph = torch.is_grad_enabled()  # a third order asked for: keep this graph too
@@ -511,7 +511,7 @@ def if_multistep(
 
     name = _resolve(x.device, backend)
     if n == 0 or name == "reference" or _functorch_input(x, v_init):
-        from kdengine.reference.spiking import if_multistep_reference
+        from kdengine.ops.if_multistep.reference import if_multistep_reference
 
         s, v = if_multistep_reference(x2, thr, reset if hard else None, v2, sur, a, detach_reset)
     else:
