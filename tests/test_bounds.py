@@ -51,7 +51,7 @@ def test_cpu_kernel_rejects_k_beyond_int32():
 
     a = torch.zeros((1, 1), dtype=torch.int32)
     with pytest.raises(ValueError, match=r"k=2147483648 is too large"):
-        _native.ops("cpu").binary_gemm(a, a, 2**31, 0, -1)
+        _native.ops("cpu").binary_gemm(a, a, 2**31, 0)
 
 
 # --------------------------------------------------------------------------- padding bits

@@ -38,28 +38,28 @@ def _conv_reference(x, w, geo: ConvGeometry, scale, bias):
     )
 
 
-# cpu: the C++ ops of csrc/cpu/xnor.cpp (isa=-1: AVX2 where the CPU has it, else POPCNT/portable)
+# cpu: the C++ kernels of csrc/binary/ (AVX2 where the CPU has it, else POPCNT/portable)
 
 
 @_dispatch.register("binary_pack", "cpu", native_ops=("binary_pack_signs", "binary_pack_bool"))
 def _pack_cpu(x: Tensor, spikes: bool) -> Tensor:
     ops = _cpu_ops()
-    return ops.binary_pack_bool(x, -1) if spikes else ops.binary_pack_signs(x, -1)
+    return ops.binary_pack_bool(x) if spikes else ops.binary_pack_signs(x)
 
 
 @_dispatch.register("xnor_matmul", "cpu", native_ops=("binary_gemm",))
 def _xnor_cpu(a: Tensor, b: Tensor, k: int) -> Tensor:
-    return _cpu_ops().binary_gemm(a, b, k, 0, -1)
+    return _cpu_ops().binary_gemm(a, b, k, 0)
 
 
 @_dispatch.register("spike_matmul", "cpu", native_ops=("binary_gemm",))
 def _spike_cpu(s: Tensor, w: Tensor, k: int) -> Tensor:
-    return _cpu_ops().binary_gemm(s, w, k, 1, -1)
+    return _cpu_ops().binary_gemm(s, w, k, 1)
 
 
 @_dispatch.register("binary_linear", "cpu", native_ops=("binary_linear",))
 def _linear_cpu(x, w, k, scale, bias):
-    return _cpu_ops().binary_linear(x, w, k, scale, bias, -1)
+    return _cpu_ops().binary_linear(x, w, k, scale, bias)
 
 
 @_dispatch.register("binary_conv2d", "cpu", native_ops=("binary_gemm",))
@@ -105,7 +105,7 @@ def _conv_triton(x, w, geo, scale, bias):
     return conv_via_gemm(x, w, geo, scale, bias, "triton")
 
 
-# cuda: csrc/cuda/xnor.cu (__popc)
+# cuda: csrc/binary/xnor.cu (__popc)
 
 
 def _cuda_ops():

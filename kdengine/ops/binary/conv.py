@@ -126,7 +126,7 @@ def channel_words(x: Tensor, geo: ConvGeometry, backend: str) -> Tensor:
     order; channel padding bits are 0. Raises on NaN."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel, geo.stride, geo.padding, geo.dilation
     if backend == "cpu" and x.device.type == "cpu" and _native_has("binary_conv_words"):
-        # the same words in one C++ pass (csrc/cpu/conv_words.cpp)
+        # the same words in one C++ pass (csrc/binary/conv_words.cpp)
         return _cpu_ops().binary_conv_words(x, kh, kw, sh, sw, ph, pw, dh, dw)
     b, c, h, w = x.shape
     cw = _words(c)

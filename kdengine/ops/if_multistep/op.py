@@ -97,7 +97,7 @@ def _ref_bwd(x, v_init, h, gs, gv, v_threshold, hard_reset, v_reset, surrogate, 
 def _cpu_fwd(x, v_init, v_threshold, hard_reset, v_reset, save_h):
     from kdengine import _native
 
-    s, v = _native.ops("cpu").if_fwd(x, v_init, v_threshold, hard_reset, v_reset)
+    s, v, _ = _native.ops("cpu").if_fwd(x, v_init, v_threshold, hard_reset, v_reset, False)
     return s, v, None
 
 
@@ -105,7 +105,7 @@ def _cpu_bwd(x, v_init, h, gs, gv, v_threshold, hard_reset, v_reset, surrogate, 
              detach_reset):
     from kdengine import _native
 
-    return _native.ops("cpu").if_bwd(x, v_init, gs, gv, v_threshold, hard_reset, v_reset,
+    return _native.ops("cpu").if_bwd(x, v_init, None, gs, gv, v_threshold, hard_reset, v_reset,
                                      surrogate, alpha, detach_reset)
 
 
@@ -120,8 +120,8 @@ def _cuda_bwd(x, v_init, h, gs, gv, v_threshold, hard_reset, v_reset, surrogate,
               detach_reset):
     from kdengine import _native
 
-    return _native.ops("cuda").if_bwd(h, gs, gv, v_threshold, hard_reset, v_reset, surrogate,
-                                      alpha, detach_reset)
+    return _native.ops("cuda").if_bwd(x, v_init, h, gs, gv, v_threshold, hard_reset, v_reset,
+                                      surrogate, alpha, detach_reset)
 
 
 def _triton_fwd(x, v_init, v_threshold, hard_reset, v_reset, save_h):

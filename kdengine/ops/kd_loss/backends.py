@@ -12,7 +12,7 @@ from kdengine.ops.kd_loss.config import KDConfig
 def _native_call(kind: str, student: Tensor, teacher: Tensor, labels: Optional[Tensor], cfg: KDConfig):
     from kdengine import _native
 
-    loss, gs, gt = _native.ops(kind).kd_loss_fwd(
+    loss, gs, gt = _native.ops(kind).kd_loss_kernel(
         student, teacher, labels, cfg.temperature, cfg.scale_t2, int(cfg.divergence), cfg.beta,
         cfg.hard_weight, cfg.ignore_index, cfg.label_smoothing, int(cfg.reduction),
         cfg.need_teacher_grad,
@@ -42,12 +42,12 @@ def _reference(student, teacher, labels, cfg):
     return loss.detach().to(loss_dtype), gs, gt
 
 
-@_dispatch.register("kd_loss", "cpu", native_ops=("kd_loss_fwd",))
+@_dispatch.register("kd_loss", "cpu", native_ops=("kd_loss_kernel",))
 def _cpu(student, teacher, labels, cfg):
     return _native_call("cpu", student, teacher, labels, cfg)
 
 
-@_dispatch.register("kd_loss", "cuda", native_ops=("kd_loss_fwd",))
+@_dispatch.register("kd_loss", "cuda", native_ops=("kd_loss_kernel",))
 def _cuda(student, teacher, labels, cfg):
     return _native_call("cuda", student, teacher, labels, cfg)
 

@@ -59,13 +59,14 @@ from torch import Tensor
 
 from kdengine.ops.kd_loss.config import Divergence, KDConfig, Reduction
 
-__all__ = ["kd_loss_triton", "launch_config", "BLOCK_ENV", "FORCE_BLOCK"]
+__all__ = ["kd_loss_triton", "launch_config", "BLOCK_ENV"]
 
 #: Environment variable forcing the chunk width (a power of two), e.g. for tests that must
 #: exercise the multi-block loop on tiny vocabularies.
 BLOCK_ENV = "KDENGINE_TRITON_KD_BLOCK"
-#: Module-level override of the chunk width (wins over the environment variable); None = heuristic.
-FORCE_BLOCK: Optional[int] = None
+# Override of the chunk width that wins over the environment variable (None: the heuristic); set
+# through kdengine.testing.triton_kd_block.
+_FORCE_BLOCK: Optional[int] = None
 
 _LOG2E = 1.4426950408889634
 
@@ -467,14 +468,15 @@ def _interpreting() -> bool:
 def launch_config(v: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK, num_warps) for a vocabulary of ``v`` entries of ``dtype``.
 
-    Override order: :data:`FORCE_BLOCK`, then ``KDENGINE_TRITON_KD_BLOCK`` (a power of two).
+    Override order: :func:`kdengine.testing.triton_kd_block`, then ``KDENGINE_TRITON_KD_BLOCK``
+    (a power of two).
     GPU: chunks of up to 2048 elements (1024 in fp64) with 8 warps: 8 elements per thread and
     input (one 16-byte load for bf16/fp16), ~7 per-lane accumulators, so registers stay low
     enough for two programs per SM to keep loads in flight. Untuned (no GPU was available
     when this was written): check with kdengine.bench.kd_gpu. Interpreter: one big chunk (its
     cost is per loop iteration, not per element).
     """
-    forced = FORCE_BLOCK
+    forced = _FORCE_BLOCK
     if forced is None:
         env = os.environ.get(BLOCK_ENV, "").strip()
         if env:
@@ -484,7 +486,7 @@ def launch_config(v: int, dtype: torch.dtype) -> tuple[int, int]:
                 raise ValueError(f"{BLOCK_ENV} must be a power of two, got {env!r}") from None
     if forced is not None:
         if forced < 1 or forced & (forced - 1):
-            raise ValueError(f"the forced Triton KD block ({BLOCK_ENV} / FORCE_BLOCK) must be a "
+            raise ValueError(f"the forced Triton KD block ({BLOCK_ENV} / kdengine.testing.triton_kd_block) must be a "
                              f"power of two >= 1, got {forced}")
         block = int(forced)
     elif _interpreting():

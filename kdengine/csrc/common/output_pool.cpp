@@ -3,7 +3,7 @@
 
 #include <vector>
 
-#include "cpu/output_pool.h"
+#include "common/output_pool.h"
 
 namespace {
 

@@ -1,61 +1,9 @@
-// Fused temperature softmax-KL distillation loss, CUDA backend: torch.ops.kdengine_cuda.kd_loss_fwd
-//
-// Math (per row r; the spec is kdengine/reference/kd_loss.py and the backend contract in
-// kdengine/ops/kd_loss.py):
-//   a = s/T, b = t/T, q = softmax(a) (student), p = softmax(b) (teacher), from online (max,
-//   sum-of-exp) pairs, so +-1e4 logits never overflow. Exponentials are base 2 on prescaled logits
-//   (c = log2(e)/T), divergences are accumulated in log2 units and multiplied by ln 2 once.
-//   forward KL  D = sum p (log p - log q)   dD/da = q - p      dD/db = p (log p - log q - D)
-//   reverse KL  D = sum q (log q - log p)   dD/da = q (log q - log p - D)      dD/db = p - q
-//   JSD(beta)   log m = logaddexp(log p + log beta, log q + log(1 - beta)),
-//               D = beta KL(p||m) + (1-beta) KL(q||m)
-//               dD/da = (1-beta) q (log q - log m - KL(q||m))
-//               dD/db = beta p (log p - log m - KL(p||m))
-//   Terms with zero probability contribute 0 to D and to its gradient ("p == 0 ? 0 : ...", so a
-//   NaN probability still propagates; "p > 0" would swallow it).
-//   Close distributions (the late-training case) are computed cancellation-free through
-//   x = log2(p/q) = (t - s) c - log2(1 + U/Sa), see row_finite; q - p = -q (2^x - 1) etc.
-//   T = inf: exact limit of T^2 D: keep = !(s == -inf && t == -inf), d = s - t,
-//   dc = d - mean_keep(d), KD = k sum dc^2 / (2 V'), dKD/ds = k dc / V', dKD/dt = -dKD/ds,
-//   k = 1 (KLs) or beta (1 - beta) (JSD).
-//   Hard CE at T = 1 with label smoothing eps: CE = -(1-eps) log q1_y - eps/V sum log q1,
-//   dCE/ds = q1 - (1-eps)[i == y] - eps/V.
-//   L_r = w_r (alpha CE + (1-alpha) cT D), grad_s = nrm w_r (alpha dCE/ds + (1-alpha) cT/T dD/da),
-//   grad_t = nrm w_r (1-alpha) cT/T dD/db; cT = T^2 (scale_t2) or 1; nrm = 1/max(count,1)
-//   (batchmean), 1/(max(count,1) V) (mean), 1 (sum, none).
-//
-// Layout: student/teacher (N, V) contiguous, labels (N,) int64. One thread block per row
-// (V > 1024, 64..512 threads) or one warp per row, 8 rows per 256-thread block (V <= 1024). Rows
-// are independent; the per-row reductions are a warp butterfly + a shared-memory combine of the
-// per-warp partials, in a fixed order (deterministic), and the result is broadcast from lane 0 so
-// every thread uses the very same statistics (FMA contraction could otherwise make butterfly
-// lanes differ in the last bit).
-//
-// Memory traffic per element: pass 1 reads s, t (stats: 2-3 exp2 and one expm1 per element, still
-// under the memory time of bf16 on H100); pass 2 reads s, t again and, for forward KL without the
-// teacher gradient (and for T = inf), writes grad_s (and grad_t) in the same pass: 2 reads + 1
-// write of the row, the second read mostly from L2. Reverse KL / JSD (and forward KL with the
-// teacher gradient) need D before any gradient element, so pass 2 only sums and pass 3 writes.
-// Loads and stores are 16-byte vectors (8 bf16/fp16, 4 fp32, 2 fp64); a scalar head/tail per row
-// covers rows that do not start on a 16-byte boundary (V * sizeof(dtype) % 16 != 0).
-// All math is fp32 (fp64 for fp64 inputs); each gradient element is formed fully in fp32 and
-// rounded once to the input dtype. Per-row losses go to an (N,) fp32 buffer reduced by torch.sum
-// (fixed order); the batchmean count is a device tensor (no host sync).
-//
-// NaN: the running max ignores NaN (x > m is false), so the NaN is carried in the running sum
-// instead: l += 2^((NaN - m) c) = NaN, every merge keeps it, and it reaches every q or p of the
-// row. Ignored rows write exact zeros without reading their logits. A non-ignored label outside
-// [0, V) (possible only in compiled graphs, which skip the eager check) gives a NaN row (loss and
-// gradients) and is never used as an index.
-//
-// Building: torch.utils.cpp_extension.load via kdengine/_native.py (standard nvcc flags). Only
-// c10/cuda headers are used for the stream / guard / launch check, never ATen/cuda/CUDAContext.h,
-// which drags in cuBLAS/cuSPARSE headers that a bare toolkit (and the compile check on a CPU torch
-// wheel) lack. The row code and the group reduction are __host__ __device__: built with
-// -DKDENGINE_CUDA_HOST_EMULATION the file instead registers kdengine_cuda_emul::kd_loss_fwd on CPU,
-// which runs them with std::threads standing in for the lanes of a row (same thread counts, same
-// strided sweeps, same butterfly and shared-memory combine); tests/test_cuda_compile.py uses it to
-// check the kernel without a GPU.
+// The row code of the fused KD loss, shared by kd_loss.cu (the CUDA kernels) and kd_loss_emul.cu
+// (the same rows run on the host with std::threads as lanes, for tests without a GPU): math
+// helpers, the thread-group reduction over an abstract Lanes type, the row sweeps, the row itself
+// and the host entry. Everything here is __host__ __device__ or host code; the math, layout and
+// memory traffic are described at the top of kd_loss.cu.
+#pragma once
 
 // A CPU-only torch wheel ships the c10/cuda headers but not this generated one; it only defines
 // C10_CUDA_BUILD_SHARED_LIBS, which matters for Windows dllexport alone. A CUDA wheel has the file,
@@ -76,13 +24,6 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
-
-#ifndef KDENGINE_CUDA_HOST_EMULATION
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
 #include <cuda_runtime.h>
 #include <math.h>
 
@@ -93,16 +34,9 @@
 #include <optional>
 #include <tuple>
 
-#ifdef KDENGINE_CUDA_HOST_EMULATION
-#include <condition_variable>
-#include <mutex>
-#include <thread>
-#include <vector>
-#endif
-
 namespace kdengine_cuda_kd {
 
-// Enum values of kdengine/ops/kd_config.py (must not be renumbered there).
+// Enum values of kdengine/ops/kd_loss/config.py (must not be renumbered there).
 constexpr int kForwardKL = 0;
 constexpr int kReverseKL = 1;
 constexpr int kJSD = 2;
@@ -316,25 +250,6 @@ struct Group {
 
 constexpr int kSmemSlots = 32 * 7;  // warps x the widest reduction (FiniteStatsOp)
 
-#ifndef KDENGINE_CUDA_HOST_EMULATION
-struct DeviceLanes {
-  void* smem_ptr;  // kSmemSlots acc_t of __shared__ memory
-  template <typename T>
-  __device__ __forceinline__ T shfl_xor(T v, int off) const {
-    return __shfl_xor_sync(0xffffffffu, v, off);
-  }
-  template <typename T>
-  __device__ __forceinline__ T shfl_lane0(T v) const {
-    return __shfl_sync(0xffffffffu, v, 0);
-  }
-  __device__ __forceinline__ void sync() const { __syncthreads(); }
-  template <typename T>
-  __device__ __forceinline__ T* smem() const {
-    return static_cast<T*>(smem_ptr);
-  }
-};
-#endif
-
 // ------------------------------------------------------------------------------- row sweeps
 
 template <typename T, int N>
@@ -460,7 +375,7 @@ C10_HOST_DEVICE void fill_row(scalar_t* gs, scalar_t* gt, int V, int head, const
 // 2^x - 1, reverse KL uses q (-x - D), JSD log q - log m = -log2(1 + beta (2^x - 1)). Rows with
 // |r| > 1/2 (distributions far apart, or an entry only the teacher has: U is poisoned with NaN)
 // take x_i = log2 p_i - log2 q_i from the max-shifted logits; nothing cancels badly there.
-// (The same formulation as the Triton backend, kdengine/kernels/kd_loss.py.)
+// (The same formulation as the Triton backend, kdengine/ops/kd_loss/triton_kernel.py.)
 //
 // Pass 1: (m_a, Sa, U), (m_b, Sb) and, for the CE term when T != 1, (m_1, S1). Pass 2: D (or
 // KL(p||m), KL(q||m)) and sum (s - m_1); it also writes the gradient when that needs no sum
@@ -761,127 +676,24 @@ inline int row_threads(int V, int vec) {
   return threads;
 }
 
-#ifndef KDENGINE_CUDA_HOST_EMULATION
-
-// One kernel for both layouts: a row belongs to the blockDim.x threads of one threadIdx.y. With
-// blockDim = (32, 8) every warp owns a row and the group reduction never reaches __syncthreads
-// (it returns after the warp stage when size == 32); with blockDim = (64..512, 1) the whole block
-// owns the row and every thread takes the same branches, so the barriers are uniform.
-template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kMaxBlock) kd_loss_kernel(KDParams<scalar_t, acc_t> P) {
-  __shared__ acc_t smem[kSmemSlots];
-  const Group<DeviceLanes> g{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x),
-                             DeviceLanes{smem}};
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; row < P.n_rows;
-       row += step) {
-    process_row<VEC>(P, row, g);
-  }
-}
-
-constexpr int kWarpRowsPerBlock = 8;  // rows per 256-thread block (warp-per-row mode)
-
-template <typename scalar_t, typename acc_t>
-void run_rows_cuda(const KDParams<scalar_t, acc_t>& P) {
-  constexpr int VEC = static_cast<int>(16 / sizeof(scalar_t));
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t n = P.n_rows;
-  const int64_t max_grid = std::numeric_limits<int32_t>::max();
-  if (P.V <= kWarpRowMaxV) {
-    const dim3 block(32, kWarpRowsPerBlock);
-    const dim3 grid(static_cast<unsigned>(
-        std::min<int64_t>((n + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock, max_grid)));
-    kd_loss_kernel<scalar_t, acc_t, VEC><<<grid, block, 0, stream>>>(P);
-  } else {
-    const int threads = row_threads(P.V, VEC);
-    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(n, max_grid)));
-    kd_loss_kernel<scalar_t, acc_t, VEC><<<grid, dim3(threads, 1), 0, stream>>>(P);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-#else  // KDENGINE_CUDA_HOST_EMULATION: the same row code on the CPU (tests only)
-
-// Lanes of a row group emulated by std::threads: a shuffle is "publish, barrier, read the
-// partner's slot, barrier"; __syncthreads is the barrier.
-struct HostRowShared {
-  explicit HostRowShared(int n) : size(n), slots(static_cast<size_t>(n)) {}
-  void barrier() {
-    std::unique_lock<std::mutex> lock(mu);
-    const int64_t gen = generation;
-    if (++arrived == size) {
-      arrived = 0;
-      ++generation;
-      cv.notify_all();
-    } else {
-      cv.wait(lock, [&] { return generation != gen; });
-    }
-  }
-  int size;
-  std::vector<double> slots;  // one value per lane (float and double round-trip exactly)
-  alignas(16) double smem[kSmemSlots];
-  std::mutex mu;
-  std::condition_variable cv;
-  int arrived = 0;
-  int64_t generation = 0;
-};
-
-struct HostLanes {
-  HostRowShared* sh;
-  int rank;
-  template <typename T>
-  T exchange(T v, int from) const {
-    sh->slots[rank] = static_cast<double>(v);
-    sh->barrier();
-    const T r = static_cast<T>(sh->slots[from]);
-    sh->barrier();
-    return r;
-  }
-  template <typename T>
-  T shfl_xor(T v, int off) const { return exchange(v, rank ^ off); }
-  template <typename T>
-  T shfl_lane0(T v) const { return exchange(v, rank & ~31); }
-  void sync() const { sh->barrier(); }
-  template <typename T>
-  T* smem() const { return reinterpret_cast<T*>(sh->smem); }
-};
-
-// Every row with the thread count the GPU launch would use (32 for V <= 1024, else 64..512), all
-// threads walking the rows together like one block of the kernel.
-template <typename scalar_t, typename acc_t>
-void run_rows_host(const KDParams<scalar_t, acc_t>& P) {
-  constexpr int VEC = static_cast<int>(16 / sizeof(scalar_t));
-  const int n = row_threads(P.V, VEC);
-  HostRowShared shared(n);
-  std::vector<std::thread> threads;
-  threads.reserve(n);
-  for (int r = 0; r < n; ++r) {
-    threads.emplace_back([&, r] {
-      const Group<HostLanes> g{r, n, HostLanes{&shared, r}};
-      for (int64_t row = 0; row < P.n_rows; ++row) process_row<VEC>(P, row, g);
-    });
-  }
-  for (auto& th : threads) th.join();
-}
-
-#endif
 
 // ------------------------------------------------------------------------------- host entry
 
 // The kernels take one vector head per row for all four arrays, so every base pointer must be
 // 0 mod 16. Fresh allocations are (the caching allocator hands out 512-byte aligned blocks); a view
 // with an odd storage offset is copied once instead of compiling a second, scalar kernel.
-at::Tensor aligned16(const at::Tensor& x) {
+inline at::Tensor aligned16(const at::Tensor& x) {
   return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 ? x : x.clone();
 }
 
+// Checks the arguments, allocates the outputs and runs every row with run_rows(P) (the CUDA
+// launch, or the host emulation); the caller holds the device guard.
+template <typename RunRows>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_impl(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     double temperature, bool scale_t2, int64_t divergence, double beta, double hard_weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction, bool need_teacher_grad,
-    c10::DeviceType device_type) {
-  const char* where = device_type == c10::DeviceType::CUDA ? "kdengine_cuda::kd_loss_fwd"
-                                                           : "kdengine_cuda_emul::kd_loss_fwd";
+    c10::DeviceType device_type, const char* where, const RunRows& run_rows) {
   TORCH_CHECK_VALUE(student.device().type() == device_type && teacher.device() == student.device(),
                     where, ": student and teacher must be on one ",
                     c10::DeviceTypeName(device_type), " device, got ", student.device(), " and ",
@@ -931,9 +743,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_impl(
                     ": reduction must be 0 (none), 1 (sum), 2 (batchmean) or 3 (mean), got ",
                     reduction);
 
-#ifndef KDENGINE_CUDA_HOST_EMULATION
-  const c10::cuda::CUDAGuard guard(student.device());
-#endif
   const at::Tensor s_al = aligned16(student);
   const at::Tensor t_al = aligned16(teacher);
   const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
@@ -960,7 +769,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_impl(
   const double c_t = (t_inf || !scale_t2) ? 1.0 : temperature * temperature;
 
   if (n > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "kd_loss_fwd", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "kd_loss_kernel", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       KDParams<scalar_t, acc_t> P;
       P.student = s_al.data_ptr<scalar_t>();
@@ -992,11 +801,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_impl(
       P.kd_grad_w = static_cast<acc_t>((1.0 - alpha) * (t_inf ? k_inf : c_t / temperature));
       TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(P.grad_s) % 16 == 0 &&
                             reinterpret_cast<uintptr_t>(P.grad_t) % 16 == 0);
-#ifndef KDENGINE_CUDA_HOST_EMULATION
-      run_rows_cuda(P);
-#else
-      run_rows_host(P);
-#endif
+      run_rows(P);
     });
   }
 
@@ -1014,43 +819,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_impl(
   return std::make_tuple(loss, grad_s, grad_t);
 }
 
-#ifndef KDENGINE_CUDA_HOST_EMULATION
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cuda(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    double temperature, bool scale_t2, int64_t divergence, double beta, double hard_weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, bool need_teacher_grad) {
-  return kd_loss_fwd_impl(student, teacher, labels, temperature, scale_t2, divergence, beta,
-                          hard_weight, ignore_index, label_smoothing, reduction, need_teacher_grad,
-                          c10::DeviceType::CUDA);
-}
-#else
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_emul(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    double temperature, bool scale_t2, int64_t divergence, double beta, double hard_weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, bool need_teacher_grad) {
-  return kd_loss_fwd_impl(student, teacher, labels, temperature, scale_t2, divergence, beta,
-                          hard_weight, ignore_index, label_smoothing, reduction, need_teacher_grad,
-                          c10::DeviceType::CPU);
-}
-#endif
-
 }  // namespace kdengine_cuda_kd
-
-#define KDENGINE_KD_LOSS_SCHEMA                                                                  \
-  "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? labels, float temperature, bool scale_t2, " \
-  "int divergence, float beta, float hard_weight, int ignore_index, float label_smoothing, "      \
-  "int reduction, bool need_teacher_grad) -> (Tensor, Tensor, Tensor)"
-
-#ifndef KDENGINE_CUDA_HOST_EMULATION
-TORCH_LIBRARY_FRAGMENT(kdengine_cuda, m) { m.def(KDENGINE_KD_LOSS_SCHEMA); }
-
-TORCH_LIBRARY_IMPL(kdengine_cuda, CUDA, m) {
-  m.impl("kd_loss_fwd", &kdengine_cuda_kd::kd_loss_fwd_cuda);
-}
-#else
-TORCH_LIBRARY_FRAGMENT(kdengine_cuda_emul, m) { m.def(KDENGINE_KD_LOSS_SCHEMA); }
-
-TORCH_LIBRARY_IMPL(kdengine_cuda_emul, CPU, m) {
-  m.impl("kd_loss_fwd", &kdengine_cuda_kd::kd_loss_fwd_emul);
-}
-#endif

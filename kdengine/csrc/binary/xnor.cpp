@@ -40,8 +40,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include "cpu/parallel.h"
-#include "cpu/xnor_lut.h"
+#include "common/parallel.h"
+#include "binary/xnor_lut.h"
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -96,12 +96,13 @@ Isa best_isa() {
   return best;
 }
 
-Isa pick_isa(int64_t isa) {
-  if (isa < 0) return best_isa();
-  TORCH_CHECK_VALUE(isa <= kAvx2, "isa must be -1 (auto), 0 (portable), 1 (popcnt) or 2 (avx2), got ",
-                    isa);
-  TORCH_CHECK_VALUE(cpu_has(static_cast<Isa>(isa)), "isa ", isa, " is not supported by this CPU");
-  return static_cast<Isa>(isa);
+// -1: the best ISA of this CPU; 0..2 force one (binary_force_isa, a test knob: every call after
+// the change, in every thread, takes the forced path).
+std::atomic<int64_t> kForcedIsa{-1};
+
+Isa pick_isa() {
+  const int64_t forced = kForcedIsa.load(std::memory_order_relaxed);
+  return forced < 0 ? best_isa() : static_cast<Isa>(forced);
 }
 
 KD_INLINE u64 load64(const u32* p) {
@@ -751,20 +752,17 @@ at::Tensor counts_impl(const at::Tensor& a, const at::Tensor& b, Isa isa, bool u
 
 // --------------------------------------------------------------------------- ops
 
-at::Tensor binary_pack_signs(const at::Tensor& x, int64_t isa) {
-  return pack_signs_impl(x, pick_isa(isa));
-}
+at::Tensor binary_pack_signs(const at::Tensor& x) { return pack_signs_impl(x, pick_isa()); }
 
-at::Tensor binary_pack_bool(const at::Tensor& s, int64_t isa) { return pack_bool_impl(s, pick_isa(isa)); }
+at::Tensor binary_pack_bool(const at::Tensor& s) { return pack_bool_impl(s, pick_isa()); }
 
 // mode 0: K - 2 popcount(a ^ b); mode 1: popcount(a) - 2 popcount(a & b).
-at::Tensor binary_gemm(const at::Tensor& a_in, const at::Tensor& b_in, int64_t k, int64_t mode,
-                       int64_t isa_arg) {
+at::Tensor binary_gemm(const at::Tensor& a_in, const at::Tensor& b_in, int64_t k, int64_t mode) {
   check_bits(a_in, "a", k);
   check_bits(b_in, "b", k);
   const at::Tensor a = clear_padding(a_in, k), b = clear_padding(b_in, k);
   TORCH_CHECK_VALUE(mode == 0 || mode == 1, "mode must be 0 (xnor) or 1 (spike AND), got ", mode);
-  const Isa isa = pick_isa(isa_arg);
+  const Isa isa = pick_isa();
   const int64_t M = a.size(0), N = b.size(0), W = a.size(1);
   const u32* ap = reinterpret_cast<const u32*>(a.data_ptr<int32_t>());
   // per-row base of the result: K (xnor) or popcount of the spike row
@@ -812,13 +810,12 @@ void linear_epilogue(const int32_t* c, int64_t M, int64_t N, int64_t k, const ac
 }
 
 at::Tensor binary_linear(const at::Tensor& x, const at::Tensor& w_in, int64_t k,
-                         const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                         int64_t isa_arg) {
+                         const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias) {
   check_2d(x, "x");
   check_bits(w_in, "weight", k);
   const at::Tensor w = clear_padding(w_in, k);
   TORCH_CHECK_VALUE(x.size(1) == k, "x has K = ", x.size(1), " features but weight has k = ", k);
-  const Isa isa = pick_isa(isa_arg);
+  const Isa isa = pick_isa();
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t N = w.size(0);
   for (const auto* opt : {&scale, &bias}) {
@@ -843,6 +840,15 @@ at::Tensor binary_linear(const at::Tensor& x, const at::Tensor& w_in, int64_t k,
 }
 
 int64_t binary_isa() { return best_isa(); }
+
+// Forces the ISA of every later call (-1: back to the best one); returns the previous setting.
+int64_t binary_force_isa(int64_t isa) {
+  TORCH_CHECK_VALUE(isa >= -1 && isa <= kAvx2,
+                    "isa must be -1 (auto), 0 (portable), 1 (popcnt) or 2 (avx2), got ", isa);
+  TORCH_CHECK_VALUE(isa < 0 || cpu_has(static_cast<Isa>(isa)), "isa ", isa,
+                    " is not supported by this CPU");
+  return kForcedIsa.exchange(isa);
+}
 
 // Core clock estimate (GHz) for the benchmark's roofline: `iters` x 4 dependent integer adds (one
 // per cycle) timed with this thread's CPU clock, so time the thread spends preempted on a shared
@@ -885,18 +891,17 @@ int64_t binary_set_split_b_rows(int64_t rows) {
 }  // namespace
 }  // namespace kdengine_binary
 
+// CPU-only utilities and test knobs (kdengine.testing); the kernel ops' schemas are defined once,
+// for CPU and CUDA alike, in kdengine/ops/binary/schema.py.
 TORCH_LIBRARY_FRAGMENT(kdengine_cpu, m) {
-  m.def("binary_pack_signs(Tensor x, int isa=-1) -> Tensor");
-  m.def("binary_pack_bool(Tensor s, int isa=-1) -> Tensor");
-  m.def("binary_gemm(Tensor a, Tensor b, int k, int mode, int isa=-1) -> Tensor");
-  m.def("binary_linear(Tensor x, Tensor w, int k, Tensor? scale, Tensor? bias, int isa=-1) -> Tensor");
   m.def("binary_isa() -> int", &kdengine_binary::binary_isa);
+  m.def("binary_force_isa(int isa) -> int", &kdengine_binary::binary_force_isa);
   m.def("binary_set_split_b_rows(int rows) -> int", &kdengine_binary::binary_set_split_b_rows);
   m.def("binary_set_lut_min(int rows, int cols) -> int[]", &kdengine_binary::binary_set_lut_min);
   m.def("binary_cpu_ghz(int iters) -> float", &kdengine_binary::binary_cpu_ghz);
 }
 
-TORCH_LIBRARY_IMPL(kdengine_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(kdengine, CPU, m) {
   m.impl("binary_pack_signs", &kdengine_binary::binary_pack_signs);
   m.impl("binary_pack_bool", &kdengine_binary::binary_pack_bool);
   m.impl("binary_gemm", &kdengine_binary::binary_gemm);

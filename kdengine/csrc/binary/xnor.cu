@@ -286,14 +286,7 @@ at::Tensor binary_linear(const at::Tensor& x, const at::Tensor& w, int64_t k,
 }  // namespace
 }  // namespace kdengine_binary_cuda
 
-TORCH_LIBRARY_FRAGMENT(kdengine_cuda, m) {
-  m.def("binary_pack_signs(Tensor x) -> Tensor");
-  m.def("binary_pack_bool(Tensor s) -> Tensor");
-  m.def("binary_gemm(Tensor a, Tensor b, int k, int mode) -> Tensor");
-  m.def("binary_linear(Tensor x, Tensor w, int k, Tensor? scale, Tensor? bias) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(kdengine_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(kdengine, CUDA, m) {
   m.impl("binary_pack_signs", &kdengine_binary_cuda::binary_pack_signs);
   m.impl("binary_pack_bool", &kdengine_binary_cuda::binary_pack_bool);
   m.impl("binary_gemm", &kdengine_binary_cuda::binary_gemm);

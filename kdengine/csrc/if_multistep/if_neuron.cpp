@@ -1,5 +1,5 @@
 // Multi-step integrate-and-fire neuron, CPU: fused forward over all T steps, fused backward
-// through time (one reverse loop over T). Ops: kdengine_cpu::if_fwd, kdengine_cpu::if_bwd.
+// through time (one reverse loop over T). Ops: kdengine::if_fwd, kdengine::if_bwd (CPU kernels).
 //
 // Math (per neuron, state v in acc_t = float, or double for float64 input):
 //   h_t = v_{t-1} + x_t;  s_t = [h_t >= theta] (NaN if h_t is NaN);
@@ -9,7 +9,7 @@
 //   dv_t/dh_t = 1 - theta sg_t (soft) | (1 - s_t) + (v_reset - h_t) sg_t (hard); the sg term is
 //               dropped with detach_reset
 //   g_t = dL/dh_t = gs_t sg_t + c dv_t/dh_t;   dL/dx_t = g_t;   c <- g_t;   dL/dv_init = c at the end.
-// This is autograd of kdengine/reference/spiking.py, written out.
+// This is autograd of kdengine/ops/if_multistep/reference.py, written out.
 //
 // Layout: x, spikes, grad_spikes, grad_x are contiguous (T, N): step t of neuron n at t*N + n.
 // Neurons are independent: kdengine::parallel_for (parallel.h) splits n over the cores; each task walks blocks of B
@@ -34,8 +34,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include "cpu/output_pool.h"
-#include "cpu/parallel.h"
+#include "common/output_pool.h"
+#include "common/parallel.h"
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
@@ -487,16 +487,33 @@ std::tuple<at::Tensor, at::Tensor> if_bwd_cpu(const at::Tensor& x,
   return {gx, gv0};
 }
 
+// The schema shared with the CUDA kernels (kdengine/ops/if_multistep/schema.py): the CPU forward
+// keeps no pre-reset potential (its backward recomputes it from x and v_init), so it returns an
+// empty h and refuses save_h.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> if_fwd_op(const at::Tensor& x,
+                                                         const c10::optional<at::Tensor>& v_init,
+                                                         double v_threshold, bool hard_reset,
+                                                         double v_reset, bool save_h) {
+  TORCH_CHECK_VALUE(!save_h, "if_fwd: the CPU kernel recomputes h in the backward; save_h must be "
+                             "False");
+  auto [spikes, v_out] = if_fwd_cpu(x, v_init, v_threshold, hard_reset, v_reset);
+  return {spikes, v_out, at::empty({0}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor> if_bwd_op(const at::Tensor& x,
+                                             const c10::optional<at::Tensor>& v_init,
+                                             const c10::optional<at::Tensor>& /*h*/,
+                                             const at::Tensor& grad_spikes,
+                                             const c10::optional<at::Tensor>& grad_v,
+                                             double v_threshold, bool hard_reset, double v_reset,
+                                             int64_t surrogate, double alpha, bool detach_reset) {
+  return if_bwd_cpu(x, v_init, grad_spikes, grad_v, v_threshold, hard_reset, v_reset, surrogate,
+                    alpha, detach_reset);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(kdengine_cpu, m) {
-  m.def(
-      "if_fwd(Tensor x, Tensor? v_init, float v_threshold, bool hard_reset, float v_reset)"
-      " -> (Tensor, Tensor)",
-      &if_fwd_cpu);
-  m.def(
-      "if_bwd(Tensor x, Tensor? v_init, Tensor grad_spikes, Tensor? grad_v, float v_threshold,"
-      " bool hard_reset, float v_reset, int surrogate, float alpha, bool detach_reset)"
-      " -> (Tensor, Tensor)",
-      &if_bwd_cpu);
+TORCH_LIBRARY_IMPL(kdengine, CPU, m) {
+  m.impl("if_fwd", &if_fwd_op);
+  m.impl("if_bwd", &if_bwd_op);
 }

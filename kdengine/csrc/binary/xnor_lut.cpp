@@ -32,7 +32,7 @@
 // 64 A rows; each step loads 8 B vectors + 1 table (9 loads per 8 shuffles, L1). C is written
 // once per output (or once per 2044 words). Measured on this 2-core Zen 3, one thread:
 // 1024 x 1024 x 4096 incl. repacking ~510 G binary MAC/s (xnor.cpp's panel kernel: ~410).
-#include "cpu/xnor_lut.h"
+#include "binary/xnor_lut.h"
 
 #include <ATen/ATen.h>
 #include <immintrin.h>
@@ -42,7 +42,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "cpu/parallel.h"
+#include "common/parallel.h"
 
 namespace kdengine_binary {
 

@@ -1,6 +1,6 @@
 // Top-k sparse-teacher KD loss, CPU helpers for the student side (kdengine/llm/topk.py).
 //
-// Math (spec: kdengine/reference/topk_kd.py; formulas in the kdengine/llm/topk.py docstring).
+// Math (spec: kdengine/llm/reference_topk.py; formulas in the kdengine/llm/topk.py docstring).
 // The teacher side is (N, k) and stays in torch; what is N x V is the student's softmax at
 // temperature T: a = x / T, log p_i = a_i - lse. These two ops do exactly that part:
 //
@@ -27,7 +27,7 @@
 // NaN anywhere in a row gives NaN stats (exp keeps NaN); an all -inf row gives NaN like torch's
 // log_softmax. Memory/layout: x, g contiguous row-major (N, V); indices contiguous (N, k) in
 // [0, V) (checked by the Python caller, out-of-range indices are skipped here, never read).
-// g comes from kdengine's output pool (cpu/output_pool.h), like kd_loss's gradients.
+// g comes from kdengine's output pool (common/output_pool.h), like kd_loss's gradients.
 // Vector code is compiled twice, portable and target("avx2,fma"), chosen at run time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -40,9 +40,9 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu/output_pool.h"
-#include "cpu/parallel.h"
-#include "cpu/vec_math.h"
+#include "common/output_pool.h"
+#include "common/parallel.h"
+#include "common/vec_math.h"
 
 namespace {
 
@@ -233,14 +233,7 @@ at::Tensor topk_student_grad(const at::Tensor& x, const at::Tensor& rowmax, cons
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(kdengine_cpu, m) {
-  m.def("topk_student_stats(Tensor student, Tensor indices, float inv_t, bool need_rest) -> "
-        "(Tensor, Tensor, Tensor, Tensor)");
-  m.def("topk_student_grad(Tensor student, Tensor rowmax, Tensor logsum, Tensor c1, Tensor c0, "
-        "float inv_t) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(kdengine_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(kdengine, CPU, m) {
   m.impl("topk_student_stats", &topk_student_stats);
   m.impl("topk_student_grad", &topk_student_grad);
 }

@@ -1,6 +1,6 @@
 // Fused temperature softmax-KL distillation loss, CPU backend: loss and gradient(s) in one call.
 //
-// Math (spec: kdengine/reference/kd_loss.py and the backend contract in kdengine/ops/kd_loss.py).
+// Math (spec: kdengine/ops/kd_loss/reference.py and the backend contract in kdengine/ops/kd_loss/op.py).
 // Per row, a = s/T, b = t/T, q = softmax(a) (student), p = softmax(b) (teacher). With the row
 // maxima ms, mt: xa = (s - ms)/T, xb = (t - mt)/T (<= 0), ea = exp(xa), eb = exp(xb),
 // Sa = sum ea, Sb = sum eb, so q = ea/Sa, log q = xa - log Sa (likewise p).
@@ -56,9 +56,9 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu/output_pool.h"
-#include "cpu/parallel.h"
-#include "cpu/vec_math.h"
+#include "common/output_pool.h"
+#include "common/parallel.h"
+#include "common/vec_math.h"
 
 
 namespace {
@@ -805,11 +805,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(kdengine_cpu, m) {
-  m.def(
-      "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? labels, float temperature, "
-      "bool scale_t2, int divergence, float beta, float hard_weight, int ignore_index, "
-      "float label_smoothing, int reduction, bool need_teacher_grad) -> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(kdengine_cpu, CPU, m) { m.impl("kd_loss_fwd", &kd_loss_fwd_cpu); }
+TORCH_LIBRARY_IMPL(kdengine, CPU, m) { m.impl("kd_loss_kernel", &kd_loss_fwd_cpu); }

@@ -1,6 +1,6 @@
 // Multi-step integrate-and-fire neuron, CUDA: one thread per neuron loops over all T steps with
-// the potential in a register; the backward walks T-1..0 in one kernel. Ops registered as
-// kdengine_cuda::if_fwd and kdengine_cuda::if_bwd.
+// the potential in a register; the backward walks T-1..0 in one kernel. CUDA kernels of
+// kdengine::if_fwd and kdengine::if_bwd.
 //
 // Math (per neuron; state acc_t = float, or double for float64 input):
 //   h_t = v_{t-1} + x_t;  s_t = [h_t >= theta] (NaN if h_t is NaN);
@@ -9,7 +9,7 @@
 //   sg = surrogate'(h_t - theta)  atan: (a/2) / (1 + (pi/2 a u)^2); sigmoid: a e / (1+e)^2, e = exp(-a|u|)
 //   dv_t/dh_t = 1 - theta sg (soft) | (1 - s_t) + (v_reset - h_t) sg (hard); no sg term if detach_reset
 //   g_t = gs_t sg + c dv_t/dh_t;  dL/dx_t = g_t;  c <- g_t;  dL/dv_init = c
-// (autograd of kdengine/reference/spiking.py, written out).
+// (autograd of kdengine/ops/if_multistep/reference.py, written out).
 //
 // Layout: x, spikes, h, grad_spikes, grad_x contiguous (T, N): neuron n at step t is t*N + n, so
 // consecutive threads touch consecutive addresses at every step (coalesced).
@@ -241,15 +241,24 @@ std::tuple<at::Tensor, at::Tensor> if_bwd_cuda(const at::Tensor& h,
   return {gx, gv0};
 }
 
+// The schema shared with the CPU kernels (kdengine/ops/if_multistep/schema.py): the CUDA backward
+// reads the pre-reset potential h saved by the forward, never x or v_init.
+std::tuple<at::Tensor, at::Tensor> if_bwd_op(const at::Tensor& /*x*/,
+                                             const c10::optional<at::Tensor>& /*v_init*/,
+                                             const c10::optional<at::Tensor>& h,
+                                             const at::Tensor& grad_spikes,
+                                             const c10::optional<at::Tensor>& grad_v,
+                                             double v_threshold, bool hard_reset, double v_reset,
+                                             int64_t surrogate, double alpha, bool detach_reset) {
+  TORCH_CHECK_VALUE(h.has_value() && h->defined(),
+                    "if_bwd: the CUDA kernel needs h, saved by if_fwd(save_h=True)");
+  return if_bwd_cuda(*h, grad_spikes, grad_v, v_threshold, hard_reset, v_reset, surrogate, alpha,
+                     detach_reset);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(kdengine_cuda, m) {
-  m.def(
-      "if_fwd(Tensor x, Tensor? v_init, float v_threshold, bool hard_reset, float v_reset,"
-      " bool save_h) -> (Tensor, Tensor, Tensor)",
-      &if_fwd_cuda);
-  m.def(
-      "if_bwd(Tensor h, Tensor grad_spikes, Tensor? grad_v, float v_threshold, bool hard_reset,"
-      " float v_reset, int surrogate, float alpha, bool detach_reset) -> (Tensor, Tensor)",
-      &if_bwd_cuda);
+TORCH_LIBRARY_IMPL(kdengine, CUDA, m) {
+  m.impl("if_fwd", &if_fwd_cuda);
+  m.impl("if_bwd", &if_bwd_op);
 }

@@ -25,7 +25,7 @@
 #include <immintrin.h>
 #endif
 
-#include "cpu/parallel.h"
+#include "common/parallel.h"
 
 namespace {
 
@@ -149,8 +149,4 @@ at::Tensor binary_conv_words(const at::Tensor& x, int64_t kh, int64_t kw, int64_
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(kdengine_cpu, m) {
-  m.def("binary_conv_words(Tensor x, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw)"
-        " -> Tensor",
-        &binary_conv_words);
-}
+TORCH_LIBRARY_IMPL(kdengine, CPU, m) { m.impl("binary_conv_words", &binary_conv_words); }

@@ -10,7 +10,7 @@
 #include <thread>
 #include <vector>
 
-#include "cpu/parallel.h"
+#include "common/parallel.h"
 
 namespace {
 
