@@ -37,19 +37,27 @@ def _cpu():
     return _native.cpu_utils()
 
 
+@contextlib.contextmanager
+def _setting(setter, *value) -> Iterator[None]:
+    """``setter(*value)`` for the block, then the previous setting (``setter`` returns it)."""
+    old = setter(*value)
+    try:
+        yield
+    finally:
+        if isinstance(old, tuple):
+            setter(*old)
+        else:
+            setter(old)
+
+
 def set_binary_isa(isa: int) -> int:
     """Run the C++ binary kernels with ``isa`` (0 portable, 1 POPCNT, 2 AVX2; -1 the best one);
     returns the previous setting. Raises ValueError when this CPU lacks the instruction set."""
     return int(_cpu().binary_force_isa(isa))
 
 
-@contextlib.contextmanager
-def binary_isa(isa: int) -> Iterator[None]:
-    old = set_binary_isa(isa)
-    try:
-        yield
-    finally:
-        set_binary_isa(old)
+def binary_isa(isa: int) -> contextlib.AbstractContextManager:
+    return _setting(set_binary_isa, isa)
 
 
 def set_binary_lut_min(rows: int, cols: int) -> tuple[int, int]:
@@ -63,22 +71,12 @@ def set_binary_split_b_rows(rows: int) -> int:
     return int(_cpu().binary_set_split_b_rows(rows))
 
 
-@contextlib.contextmanager
-def binary_lut_min(rows: int, cols: int) -> Iterator[None]:
-    old = set_binary_lut_min(rows, cols)
-    try:
-        yield
-    finally:
-        set_binary_lut_min(*old)
+def binary_lut_min(rows: int, cols: int) -> contextlib.AbstractContextManager:
+    return _setting(set_binary_lut_min, rows, cols)
 
 
-@contextlib.contextmanager
-def binary_split_b_rows(rows: int) -> Iterator[None]:
-    old = set_binary_split_b_rows(rows)
-    try:
-        yield
-    finally:
-        set_binary_split_b_rows(old)
+def binary_split_b_rows(rows: int) -> contextlib.AbstractContextManager:
+    return _setting(set_binary_split_b_rows, rows)
 
 
 @contextlib.contextmanager

@@ -93,6 +93,22 @@ def test_build_name_covers_headers_in_every_folder(tmp_path, monkeypatch):
     assert _native.build_paths("cpu")[0] != before
 
 
+def test_kernel_ops_take_their_schema_from_the_one_definition():
+    """Every native kernel op of torch.ops.kdengine has the schema of kdengine/_schemas.py (the
+    libraries only add kernels) and a CPU kernel; defining again is a no-op."""
+    import torch
+
+    from kdengine import _native, _schemas
+
+    if not _native.status("cpu").available:
+        pytest.skip(_native.status("cpu").reason)
+    _schemas.define()
+    for name, schema in _schemas.schemas().items():
+        registered = torch._C._get_schema(f"kdengine::{name}", "")
+        assert registered == torch._C.parse_schema(f"kdengine::{schema}"), name
+        assert _native.has_op("cpu", name), name
+
+
 # --------------------------------------------------------------------------- the lock itself
 
 

@@ -55,15 +55,6 @@ from torch import Tensor
 from kdengine import _dispatch
 from kdengine.ops.binary import reference as ref
 
-__all__ = [
-    "PackedSigns",
-    "pack_signs",
-    "pack_spikes",
-    "xnor_matmul",
-    "spike_matmul",
-    "binary_linear",
-]
-
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # The counts are int32 (K - 2 popcount): K must stay below 2^31, or xnor_matmul wraps around.
 K_LIMIT = 2**31
