@@ -95,7 +95,7 @@ def backend_availability(backend: str, device_type: str | None = None) -> Availa
 
 # op name -> backend name -> implementation
 _REGISTRY: dict[str, dict[str, Callable]] = {}
-# (op, backend) -> names of the native ops (torch.ops.kdengine_<backend>.*) the implementation calls
+# (op, backend) -> names of the native ops (torch.ops.kdengine.*) whose <backend> kernel it calls
 _NATIVE_OPS: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
@@ -126,8 +126,8 @@ def op_availability(op: str, backend: str, device_type: str | None = None) -> Av
 
     missing = [n for n in needed if not _native.has_op(backend, n)]
     if missing:
-        return Availability(False, f"the {backend} library has no {', '.join(missing)} "
-                                   f"(no kernel source for {op!r} in csrc/{backend})")
+        return Availability(False, f"the {backend} library has no {backend} kernel for "
+                                   f"{', '.join(missing)} (no kernel source for {op!r} in csrc)")
     return avail
 
 

@@ -1,10 +1,15 @@
 """Builds and loads the native kernels in ``kdengine/csrc`` (JIT, ninja, cached).
 
-``csrc/cpu/*.cpp`` become one shared library that registers its ops under ``torch.ops.kdengine_cpu``;
-``csrc/cuda/*.cu`` and ``*.cpp`` become ``torch.ops.kdengine_cuda``. Each source file registers its
-own ops with ``TORCH_LIBRARY_FRAGMENT``, so adding a kernel is adding a file. The first use compiles
-(about a minute on 2 cores, announced on stderr); later uses load the cached library
-(``KDENGINE_CACHE`` or ``~/.cache/kdengine``). ``kdengine build`` compiles ahead of time.
+The sources live in one folder per op (``csrc/<op>/``) plus ``csrc/common/`` (headers, the output
+pool, the thread-pool probe), and are split between two libraries by name: ``*.cu`` and
+``*_cuda.cpp`` go into the CUDA library, every other ``*.cpp`` into the CPU library, and
+``*_emul.cu`` (host emulations built by the tests) into neither. Includes are relative to ``csrc``
+(``#include "common/parallel.h"``). The kernels of both libraries implement the ops of one
+namespace, ``torch.ops.kdengine``, whose schemas :mod:`kdengine._schemas` defines once per process
+before a library is loaded; CPU-only utilities stay in ``torch.ops.kdengine_cpu``. Adding a kernel
+is adding a file (and its schema). The first use compiles (about a minute on 2 cores, announced on
+stderr); later uses load the cached library (``KDENGINE_CACHE`` or ``~/.cache/kdengine``).
+``kdengine build`` compiles ahead of time.
 
 A build folder is complete once it holds the library and a ``BUILT`` record, written last: such a
 folder is loaded as it is, without a lock or any other write, so a read-only cache works. Building
@@ -51,13 +56,23 @@ def cache_dir() -> Path:
     return Path(root) / tag
 
 
+def source_kind(path: Path) -> str | None:
+    """Which library a source file belongs to: ``"cuda"``, ``"cpu"`` or None (not a source, or a
+    test-only host emulation)."""
+    name = path.name
+    if name.endswith("_emul.cu"):
+        return None
+    if name.endswith((".cu", "_cuda.cpp")):
+        return "cuda"
+    if name.endswith(".cpp"):
+        return "cpu"
+    return None
+
+
 def sources(kind: str) -> list[Path]:
-    if kind == "cpu":
-        return sorted((CSRC / "cpu").glob("*.cpp"))
-    if kind == "cuda":
-        d = CSRC / "cuda"
-        return sorted(list(d.glob("*.cu")) + list(d.glob("*.cpp")))
-    raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
+    return sorted(p for p in CSRC.rglob("*") if p.is_file() and source_kind(p) == kind)
 
 
 def _flags(kind: str) -> dict:
@@ -71,7 +86,7 @@ def _digest(files: list[Path], flags: object = None) -> str:
     complete build folder is loaded without asking ninja, so a flag change must change the name)."""
     h = hashlib.sha1()
     for f in files:
-        h.update(f.name.encode())
+        h.update(f.relative_to(CSRC).as_posix().encode())
         h.update(f.read_bytes())
     for hdr in sorted((CSRC).rglob("*.h")) + sorted(CSRC.rglob("*.cuh")):
         h.update(hdr.read_bytes())
@@ -84,7 +99,7 @@ def build_paths(kind: str) -> tuple[str, Path, Path]:
     """``(name, build folder, library file)`` of the ``kind`` extension for these sources."""
     files = sources(kind)
     if not files:
-        raise NativeBuildError(f"no {kind} sources under {CSRC / kind}")
+        raise NativeBuildError(f"no {kind} sources under {CSRC}")
     name = f"kdengine_{kind}_{_digest(files, _flags(kind))}"
     build_dir = cache_dir() / name
     return name, build_dir, build_dir / f"{name}.so"
@@ -104,6 +119,9 @@ def _say(msg: str) -> None:
 
 
 def _build(kind: str, verbose: bool = False) -> None:
+    from kdengine import _schemas
+
+    _schemas.define()  # the libraries only implement these schemas
     name, build_dir, library = build_paths(kind)
     if _complete(build_dir, library) or (library.is_file() and not _writable(build_dir)):
         # Complete, or read-only where nothing could be rebuilt anyway: load it as it is.
@@ -209,15 +227,25 @@ def status(kind: str) -> Availability:
     return avail
 
 
+_DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
+
+
 @functools.lru_cache(maxsize=None)
 def ops(kind: str):
-    """``torch.ops.kdengine_cpu`` / ``torch.ops.kdengine_cuda`` after loading the library."""
+    """``torch.ops.kdengine`` after loading the ``kind`` library (which adds its kernels)."""
     load(kind)
-    return getattr(torch.ops, f"kdengine_{kind}")
+    return torch.ops.kdengine
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_utils():
+    """``torch.ops.kdengine_cpu``: the CPU library's utilities (output pool, binary ISA, probes)."""
+    load("cpu")
+    return torch.ops.kdengine_cpu
 
 
 def has_op(kind: str, name: str) -> bool:
-    """Is ``torch.ops.kdengine_<kind>.<name>`` registered (after loading the library)?"""
+    """Has the ``kind`` library a kernel for ``torch.ops.kdengine.<name>`` (after loading it)?"""
     cached = _HAS_OP.get((kind, name))
     if cached is not None:
         return cached
@@ -226,13 +254,7 @@ def has_op(kind: str, name: str) -> bool:
     except NativeBuildError:
         found = False
     else:
-        found = torch._C._dispatch_has_kernel(f"kdengine_{kind}::{name}") or _has_schema(kind, name)
+        found = torch._C._dispatch_has_kernel_for_dispatch_key(f"kdengine::{name}",
+                                                               _DISPATCH_KEY[kind])
     _HAS_OP[(kind, name)] = found
     return found
-
-
-def _has_schema(kind: str, name: str) -> bool:
-    try:
-        return torch._C._get_schema(f"kdengine_{kind}::{name}", "") is not None
-    except RuntimeError:
-        return False

@@ -1,4 +1,4 @@
-"""The CPU output reuse pool of the native kernels (kdengine/csrc/cpu/output_pool.h).
+"""The CPU output reuse pool of the native kernels (kdengine/csrc/common/output_pool.h).
 
 Large outputs of the C++ spiking kernels (>= 8 MB: spikes, input gradients) come from a pool that
 keeps freed buffers and hands them out again for a request of the same size, so a repeated call
@@ -26,7 +26,7 @@ class PoolStats:
 def _ops():
     from kdengine import _native
 
-    return _native.ops("cpu")
+    return _native.cpu_utils()
 
 
 def stats() -> PoolStats:

@@ -8,11 +8,13 @@ each run (the ``seed`` fixture prints the seed). Triton runs in the interpreter 
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kdengine import _dispatch
+from kdengine import _dispatch, testing
 from kdengine.ops.binary import (
     PackedSigns,
     binary_conv2d,
@@ -158,6 +160,18 @@ cpu_only = pytest.mark.skipif(
 )
 
 
+@contextlib.contextmanager
+def _isa_or_skip(isa):
+    try:
+        old = testing.set_binary_isa(isa)
+    except ValueError as exc:  # this CPU lacks the instruction set
+        pytest.skip(str(exc))
+    try:
+        yield
+    finally:
+        testing.set_binary_isa(old)
+
+
 def _check_native_gemm(ops, isa, mode, mnk, seed):
     m, n, k = mnk
     x = (torch.rand(m, k) < 0.4).float() if mode == 1 else _randn(m, k)
@@ -166,15 +180,11 @@ def _check_native_gemm(ops, isa, mode, mnk, seed):
     b = pack_signs(y)
     lhs = x.double() if mode == 1 else _pm1(x)
     expected = torch.round(lhs @ _pm1(y).T).to(torch.int32)
-    try:
-        out = ops.binary_gemm(a.bits, b.bits, k, mode, isa)
-    except ValueError as exc:  # this CPU lacks the instruction set
-        pytest.skip(str(exc))
+    with _isa_or_skip(isa):
+        out = ops.binary_gemm(a.bits, b.bits, k, mode)
+        packed = ops.binary_pack_signs(x) if mode == 0 else ops.binary_pack_bool(x.bool())
     assert torch.equal(out, expected), f"seed={seed}"
-    if mode == 0:
-        assert torch.equal(ops.binary_pack_signs(x, isa), a.bits)
-    else:
-        assert torch.equal(ops.binary_pack_bool(x.bool(), isa), a.bits)
+    assert torch.equal(packed, a.bits)
 
 
 @cpu_only
@@ -198,13 +208,8 @@ def test_cpu_every_isa_and_blocking_path(isa, split_b_rows, lut_min, mode, mnk, 
     if split_b_rows is None:
         _check_native_gemm(ops, isa, mode, mnk, seed)
         return
-    old = ops.binary_set_split_b_rows(split_b_rows)
-    old_lut = ops.binary_set_lut_min(lut_min, lut_min)
-    try:
+    with testing.binary_split_b_rows(split_b_rows), testing.binary_lut_min(lut_min, lut_min):
         _check_native_gemm(ops, isa, mode, mnk, seed)
-    finally:
-        ops.binary_set_split_b_rows(old)
-        ops.binary_set_lut_min(*old_lut)
 
 
 @cpu_only
@@ -227,13 +232,8 @@ def test_cpu_lut_gemm_16bit_superblocks(mode, seed):
         s = (a < 0).float()
         pa, pb = pack_spikes(s), pack_signs(b)
         expected = torch.round(s.double() @ _pm1(b).T).to(torch.int32)
-    old = ops.binary_set_lut_min(1, 1)
-    try:
-        out = ops.binary_gemm(pa.bits, pb.bits, k, mode, 2)
-    except ValueError as exc:  # this CPU lacks AVX2
-        pytest.skip(str(exc))
-    finally:
-        ops.binary_set_lut_min(*old)
+    with _isa_or_skip(testing.ISA_AVX2), testing.binary_lut_min(1, 1):
+        out = ops.binary_gemm(pa.bits, pb.bits, k, mode)
     assert torch.equal(out, expected)
     assert abs(int(out[0, 0])) == k
 

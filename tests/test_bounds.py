@@ -13,7 +13,7 @@ from kdengine.ops import binary as bops
 from kdengine.ops.binary import (
     PackedSigns, binary_conv2d, binary_linear, pack_signs, pack_spikes, spike_matmul, xnor_matmul,
 )
-from kdengine.ops.spiking import if_multistep
+from kdengine.ops.if_multistep import if_multistep
 from tests.backend_params import backend_params
 
 # --------------------------------------------------------------------------- K >= 2^31
@@ -51,7 +51,7 @@ def test_cpu_kernel_rejects_k_beyond_int32():
 
     a = torch.zeros((1, 1), dtype=torch.int32)
     with pytest.raises(ValueError, match=r"k=2147483648 is too large"):
-        _native.ops("cpu").binary_gemm(a, a, 2**31, 0, -1)
+        _native.ops("cpu").binary_gemm(a, a, 2**31, 0)
 
 
 # --------------------------------------------------------------------------- padding bits

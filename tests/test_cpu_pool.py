@@ -8,7 +8,7 @@ import torch
 
 from kdengine import _dispatch, cpu_pool
 from kdengine.ops import if_multistep
-from kdengine.reference.spiking import if_multistep_reference
+from kdengine.ops.if_multistep.reference import if_multistep_reference
 
 pytestmark = pytest.mark.skipif(
     not _dispatch.backend_availability("cpu", "cpu").available,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kdengine
-from kdengine import _dispatch, _native
+from kdengine import _dispatch, testing
 from kdengine.ops import (
     binary_conv2d,
     binary_linear,
@@ -42,8 +42,7 @@ def _threads(n: int):
 
 
 def _probe(n: int, grain: int, dynamic: bool = False) -> torch.Tensor:
-    _native.load("cpu")
-    return torch.ops.kdengine_cpu.parallel_probe(n, grain, dynamic)
+    return testing.parallel_probe(n, grain, dynamic)
 
 
 @pytest.mark.parametrize("n,grain", [(2, 1), (10, 1), (1001, 64), (97, 13)])

@@ -1,18 +1,23 @@
-"""CUDA sources without a GPU: every ``kdengine/csrc/cuda/*.cu`` must compile with nvcc, and the
+"""CUDA sources without a GPU: every ``kdengine/csrc/<op>/*.cu`` must compile with nvcc, and the
 kd_loss row code must compute the reference's numbers when run on the host.
 
-1. ``test_nvcc_compiles``: one ``nvcc -c`` per ``.cu`` file (parametrized over the directory, so new
-   files are checked automatically) with the flags of the real JIT build (kdengine/_native.py:
-   torch's COMMON_NVCC_FLAGS + _native.CUDA_CFLAGS, torch and Python include dirs, the C++ ABI of
-   this torch), for sm_80 and sm_90 (``KDENGINE_NVCC_ARCHS="80"`` to pick others). Skipped, with the
-   reason, when nvcc is not found.
-2. ``kd_loss.cu`` built with ``-DKDENGINE_CUDA_HOST_EMULATION`` registers
-   ``kdengine_cuda_emul::kd_loss_fwd`` on CPU: the kernel's ``__host__ __device__`` row code and
-   group reduction run with std::threads as the lanes of a row (the GPU launch's thread counts,
-   strided 16-byte sweeps with row heads/tails, warp butterfly, lane-0 broadcast, shared-memory
-   combine). It checks the CUDA backend against the float64 reference. What only a GPU can show
-   (the real shuffle/barrier instructions, fast-math intrinsics, launch configuration, streams) is
-   left to tests/test_kd_gpu.py.
+1. ``test_nvcc_compiles``: one ``nvcc -c`` per ``.cu`` file of the CUDA library (parametrized over
+   ``_native.sources("cuda")``, so new files are checked automatically) with the flags of the real
+   JIT build (kdengine/_native.py: torch's COMMON_NVCC_FLAGS + _native.CUDA_CFLAGS, torch and
+   Python include dirs, the C++ ABI of this torch), for sm_80 and sm_90
+   (``KDENGINE_NVCC_ARCHS="80"`` to pick others). Skipped, with the reason, when nvcc is not found.
+2. ``csrc/kd_loss/kd_loss_emul.cu`` registers ``kdengine_cuda_emul::kd_loss_kernel`` on CPU: the
+   kernel's ``__host__ __device__`` row code and group reduction (kd_loss_rows.cuh) run with
+   std::threads as the lanes of a row (the GPU launch's thread counts, strided 16-byte sweeps with
+   row heads/tails, warp butterfly, lane-0 broadcast, shared-memory combine). It checks the CUDA
+   backend against the float64 reference. What only a GPU can show (the real shuffle/barrier
+   instructions, fast-math intrinsics, launch configuration, streams) is left to
+   tests/test_kd_gpu.py.
+
+All nvcc runs (the compile checks and the emulation library) start together, once per session, in
+the session fixture ``nvcc_builds``; their outputs are cached like the native builds
+(``_native.cache_dir()``), keyed by the source, every header under csrc and the flags, so a run
+with unchanged sources compiles nothing.
 
 A CPU-only torch wheel lacks some CUDA-build headers (c10/cuda/impl/cuda_cmake_macros.h, and the
 cuBLAS/cuSPARSE headers behind ATen/cuda/CUDAContext.h); the sources cope with that (see the top of
@@ -28,16 +33,17 @@ import shutil
 import subprocess
 import sysconfig
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from kdengine import _dispatch, _native
-from kdengine.ops.kd_config import Divergence, KDConfig, Reduction
+from kdengine import _dispatch, _native, _schemas
+from kdengine.ops.kd_loss.config import Divergence, KDConfig, Reduction
 
-CUDA_DIR = _native.CSRC / "cuda"
-CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
+CU_FILES = [f for f in _native.sources("cuda") if f.suffix == ".cu"]
+EMUL_SRC = _native.CSRC / "kd_loss" / "kd_loss_emul.cu"
 NVCC_TIMEOUT_S = 1200  # a 2-core machine shared with other builds can be very slow
 
 
@@ -92,19 +98,83 @@ def _common_flags(ext_name: str) -> list[str]:
     return flags
 
 
-def _run_nvcc(cmd: list[str], what: str) -> float:
+@dataclasses.dataclass(frozen=True)
+class NvccResult:
+    what: str
+    output: Path
+    cmd: tuple[str, ...]
+    returncode: int
+    log: str
+    seconds: float  # 0 when the cached output was reused
+
+    def check(self) -> Path:
+        assert self.returncode == 0, (
+            f"nvcc failed on {self.what} (exit {self.returncode}, {self.seconds:.0f} s)\n"
+            f"command: {' '.join(self.cmd)}\n{self.log}"
+        )
+        assert self.output.is_file() and self.output.stat().st_size > 0, self.output
+        return self.output
+
+
+def _headers_digest() -> bytes:
+    h = hashlib.sha1()
+    for hdr in sorted(_native.CSRC.rglob("*.h")) + sorted(_native.CSRC.rglob("*.cuh")):
+        h.update(hdr.relative_to(_native.CSRC).as_posix().encode())
+        h.update(hdr.read_bytes())
+    return h.digest()
+
+
+def _nvcc(what: str, src: Path, out_name: str, args: list[str]) -> NvccResult:
+    """``nvcc <args>`` writing ``out_name``, cached in _native.cache_dir() under a key of the
+    source, every header and the command (a finished output is renamed into place, so a killed
+    run leaves no half-written file behind)."""
+    key = hashlib.sha1(src.read_bytes() + _headers_digest()
+                       + "\0".join([NVCC, *args]).encode()).hexdigest()[:12]
+    out = _native.cache_dir() / f"nvcc_check_{key}" / out_name
+    if out.is_file():
+        return NvccResult(what, out, (), 0, "", 0.0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{os.getpid()}.{out_name}")
+    cmd = [NVCC, *args[:1], str(src), "-o", str(tmp), *args[1:]]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=NVCC_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"nvcc on {what} ran past {NVCC_TIMEOUT_S} s:\n{' '.join(cmd)}")
+        return NvccResult(what, out, tuple(cmd), -1, f"ran past {NVCC_TIMEOUT_S} s",
+                          time.perf_counter() - t0)
     dt = time.perf_counter() - t0
-    print(f"nvcc {what}: {dt:.1f} s")
-    assert proc.returncode == 0, (
-        f"nvcc failed on {what} (exit {proc.returncode}, {dt:.0f} s)\ncommand: {' '.join(cmd)}\n"
-        f"--- stderr ---\n{proc.stderr[-30000:]}\n--- stdout ---\n{proc.stdout[-5000:]}"
-    )
-    return dt
+    if proc.returncode == 0:
+        os.replace(tmp, out)
+    log = f"--- stderr ---\n{proc.stderr[-30000:]}\n--- stdout ---\n{proc.stdout[-5000:]}"
+    return NvccResult(what, out, tuple(cmd), proc.returncode, log, dt)
+
+
+def _emul_args() -> list[str]:
+    torch_lib = str(Path(torch.__file__).parent / "lib")
+    flags = [f for f in _common_flags("kdengine_cuda_emul") if f not in ("-O3", "-lineinfo")]
+    return ["-shared", *flags,
+            "-O1",
+            # No kernel is compiled here: one cheap arch is enough.
+            "-gencode", "arch=compute_80,code=sm_80",
+            f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch", "-Xlinker", f"-rpath={torch_lib}"]
+
+
+@pytest.fixture(scope="session")
+def nvcc_builds() -> dict[str, NvccResult]:
+    """Every nvcc run of this file, started together once per session: the compile check of each
+    library .cu file (key: its name) and the host emulation library (key: "emul")."""
+    if NVCC is None:
+        pytest.skip("nvcc not found: the CUDA sources cannot be compiled here")
+    jobs = {cu.name: (f"{cu.parent.name}/{cu.name}", cu, f"{cu.stem}.o",
+                      ["-c", *_common_flags("kdengine_cuda_check"), *_arch_flags()])
+            for cu in CU_FILES}
+    jobs["emul"] = ("kd_loss_emul.cu (host emulation)", EMUL_SRC, "kd_loss_emul.so", _emul_args())
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = {name: pool.submit(_nvcc, *job) for name, job in jobs.items()}
+        results = {name: f.result() for name, f in futures.items()}
+    for r in results.values():
+        print(f"nvcc {r.what}: {'cached' if not r.cmd else f'{r.seconds:.1f} s'}")
+    return results
 
 
 # --------------------------------------------------------------------------- 1. compile check
@@ -113,47 +183,24 @@ def _run_nvcc(cmd: list[str], what: str) -> float:
 @needs_nvcc
 @pytest.mark.parametrize(
     "cu",
-    CU_FILES or [pytest.param(None, marks=pytest.mark.skip(reason=f"no .cu files in {CUDA_DIR}"))],
+    CU_FILES or [pytest.param(None, marks=pytest.mark.skip(reason="no .cu files in csrc"))],
     ids=lambda p: p.name if isinstance(p, Path) else "none",
 )
-def test_nvcc_compiles(cu: Path, tmp_path: Path) -> None:
-    obj = tmp_path / f"{cu.stem}.o"
-    cmd = [NVCC, "-c", str(cu), "-o", str(obj), *_common_flags("kdengine_cuda_check"),
-           *_arch_flags()]
-    _run_nvcc(cmd, cu.name)
-    assert obj.is_file() and obj.stat().st_size > 0
+def test_nvcc_compiles(cu: Path, nvcc_builds) -> None:
+    nvcc_builds[cu.name].check()
 
 
 # --------------------------------------------------------------------------- 2. host emulation
 
 
 @pytest.fixture(scope="module")
-def emul():
-    """torch.ops.kdengine_cuda_emul.kd_loss_fwd: kd_loss.cu's row code, built for the host.
-
-    Cached like the native builds (kdengine._native.cache_dir()), keyed by the source and flags.
-    """
-    if NVCC is None:
-        pytest.skip("nvcc not found: cannot build the host emulation of kd_loss.cu")
-    src = CUDA_DIR / "kd_loss.cu"
-    torch_lib = str(Path(torch.__file__).parent / "lib")
-    flags = [f for f in _common_flags("kdengine_cuda_emul") if f not in ("-O3", "-lineinfo")]
-    flags += [
-        "-O1", "-DKDENGINE_CUDA_HOST_EMULATION",
-        # No kernel is compiled in this mode: one cheap arch is enough.
-        "-gencode", "arch=compute_80,code=sm_80",
-        f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch", "-Xlinker", f"-rpath={torch_lib}",
-    ]
-    key = hashlib.sha1(src.read_bytes() + "\0".join([NVCC, *flags]).encode()).hexdigest()[:12]
-    out = _native.cache_dir() / f"kd_loss_emul_{key}" / "kd_loss_emul.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        _run_nvcc([NVCC, "-shared", str(src), "-o", str(tmp), *flags],
-                  "kd_loss.cu (host emulation)")
-        os.replace(tmp, out)
-    torch.ops.load_library(str(out))
-    return torch.ops.kdengine_cuda_emul.kd_loss_fwd
+def emul(nvcc_builds):
+    """torch.ops.kdengine_cuda_emul.kd_loss_kernel: kd_loss.cu's row code, built for the host, with
+    the schema of kdengine::kd_loss_kernel (defined from the same string, in its own namespace)."""
+    library = nvcc_builds["emul"].check()
+    _schemas.define("kdengine_cuda_emul", names=("kd_loss_kernel",))
+    torch.ops.load_library(str(library))
+    return torch.ops.kdengine_cuda_emul.kd_loss_kernel
 
 
 _reference = _dispatch.implementation("kd_loss", "reference")

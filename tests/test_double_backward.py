@@ -13,7 +13,7 @@ import torch
 from kdengine import _dispatch
 from kdengine.nn.binary import BinaryConv2d, BinaryLinear, sign_ste
 from kdengine.ops.binary import binary_conv2d, binary_linear, pack_signs, pack_spikes, spike_matmul, xnor_matmul
-from kdengine.ops.spiking import if_multistep
+from kdengine.ops.if_multistep import if_multistep
 from tests.backend_params import backend_params
 
 IF_BACKENDS = backend_params("if_multistep")
@@ -76,7 +76,7 @@ def test_if_multistep_double_backward_matches_reference(backend, surrogate, rese
 def _away_from_threshold(T, N, v00, reset):
     """x whose potentials stay >= 1e-3 away from the threshold (finite differences of the
     backward then see no spike flip)."""
-    from kdengine.reference.spiking import if_multistep_reference
+    from kdengine.ops.if_multistep.reference import if_multistep_reference
 
     for _ in range(200):
         x = _x((T, N))

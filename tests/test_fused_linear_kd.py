@@ -11,7 +11,7 @@ import torch
 import kdengine
 from kdengine.llm import FusedLinearKDLoss, auto_chunk_size, fused_linear_kd_loss
 from kdengine.ops.kd_loss import make_config
-from kdengine.reference.fused_linear_kd import fused_linear_kd_reference
+from kdengine.llm.reference_fused_linear import fused_linear_kd_reference
 from tests.backend_params import backend_params
 
 F64 = torch.float64

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from kdengine import _dispatch
-from kdengine.ops.spiking import if_multistep
-from kdengine.reference.spiking import surrogate_primitive
+from kdengine.ops.if_multistep import if_multistep
+from kdengine.ops.if_multistep.reference import surrogate_primitive
 from tests.backend_params import backend_params
 
 BACKENDS = backend_params("if_multistep")

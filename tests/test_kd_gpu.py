@@ -23,7 +23,7 @@ import torch
 
 import kdengine
 from kdengine import _dispatch
-from kdengine.ops.kd_config import KDConfig, Reduction
+from kdengine.ops.kd_loss.config import KDConfig, Reduction
 from tests.backend_params import backend_params
 
 pytestmark = pytest.mark.skipif(

@@ -12,7 +12,7 @@ import torch
 
 import kdengine
 from kdengine import _dispatch
-from kdengine.ops.kd_config import Divergence, KDConfig, Reduction
+from kdengine.ops.kd_loss.config import Divergence, KDConfig, Reduction
 from tests.backend_params import backend_params
 
 BACKENDS = backend_params("kd_loss")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kdengine
-from kdengine.reference.kd_loss import LARGE_T
+from kdengine.ops.kd_loss.reference import LARGE_T
 from tests.backend_params import backend_params
 
 BACKENDS = backend_params("kd_loss")

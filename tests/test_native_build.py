@@ -53,6 +53,62 @@ def _write_record(path: Path, **fields) -> None:
     path.write_text(json.dumps(rec))
 
 
+# --------------------------------------------------------------------------- source collection
+
+
+def test_every_source_goes_into_exactly_one_library():
+    """csrc/<op>/ and csrc/common/: *.cu and *_cuda.cpp build the CUDA library, other *.cpp the CPU
+    one, *_emul.cu (test-only host emulations) neither; object files are named by the source's
+    base name, so a name may occur once per library."""
+    from kdengine import _native
+
+    cpu, cuda = _native.sources("cpu"), _native.sources("cuda")
+    everything = sorted(p for p in _native.CSRC.rglob("*") if p.suffix in (".cpp", ".cu"))
+    assert set(cpu).isdisjoint(cuda)
+    for f in everything:
+        want = (None if f.name.endswith("_emul.cu") else
+                "cuda" if f.suffix == ".cu" or f.name.endswith("_cuda.cpp") else "cpu")
+        assert (f in cpu, f in cuda) == (want == "cpu", want == "cuda"), f
+    for lib in (cpu, cuda):
+        names = [f.name for f in lib]
+        assert len(names) == len(set(names)), names
+    assert {f.parent.name for f in cpu} >= {"common", "kd_loss", "binary", "if_multistep", "topk_kd"}
+    assert {f.parent.name for f in cuda} >= {"kd_loss", "binary", "if_multistep"}
+
+
+def test_build_name_covers_headers_in_every_folder(tmp_path, monkeypatch):
+    from kdengine import _native
+
+    csrc = tmp_path / "csrc"
+    (csrc / "common").mkdir(parents=True)
+    (csrc / "op").mkdir()
+    (csrc / "op" / "op.cpp").write_text('#include "common/x.h"\n')
+    (csrc / "op" / "op_emul.cu").write_text("// test-only\n")
+    header = csrc / "common" / "x.h"
+    header.write_text("// one\n")
+    monkeypatch.setattr(_native, "CSRC", csrc)
+    assert _native.sources("cpu") == [csrc / "op" / "op.cpp"] and _native.sources("cuda") == []
+    before = _native.build_paths("cpu")[0]
+    header.write_text("// two\n")
+    assert _native.build_paths("cpu")[0] != before
+
+
+def test_kernel_ops_take_their_schema_from_the_one_definition():
+    """Every native kernel op of torch.ops.kdengine has the schema of kdengine/_schemas.py (the
+    libraries only add kernels) and a CPU kernel; defining again is a no-op."""
+    import torch
+
+    from kdengine import _native, _schemas
+
+    if not _native.status("cpu").available:
+        pytest.skip(_native.status("cpu").reason)
+    _schemas.define()
+    for name, schema in _schemas.schemas().items():
+        registered = torch._C._get_schema(f"kdengine::{name}", "")
+        assert registered == torch._C.parse_schema(f"kdengine::{schema}"), name
+        assert _native.has_op("cpu", name), name
+
+
 # --------------------------------------------------------------------------- the lock itself
 
 
@@ -133,8 +189,8 @@ def test_bad_timeout_variable_is_named(tmp_path, monkeypatch):
 
 def _tiny_tree(tmp_path: Path) -> Path:
     csrc = tmp_path / "csrc"
-    (csrc / "cpu").mkdir(parents=True)
-    (csrc / "cpu" / "tiny.cpp").write_text(TINY_CPP)
+    (csrc / "tiny").mkdir(parents=True)
+    (csrc / "tiny" / "tiny.cpp").write_text(TINY_CPP)
     return csrc
 
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdengine.ops.spiking import if_multistep
+from kdengine.ops.if_multistep import if_multistep
 from kdengine.snn import (
     CumulativeMaxPool2d,
     IFNeuron,

@@ -15,11 +15,11 @@ import threading
 import pytest
 import torch
 
-from kdengine import _dispatch
+from kdengine import _dispatch, testing
 from kdengine.infer import MAX_PLANS, InferenceModel
 from kdengine.ops import binary as bops
 from kdengine.ops.binary import binary_conv2d, binary_linear, pack_signs, pack_spikes, spike_matmul, xnor_matmul
-from kdengine.ops.spiking import if_multistep
+from kdengine.ops.if_multistep import if_multistep
 from tests.backend_params import backend_params
 
 THREADS = 6
@@ -177,22 +177,19 @@ def test_xnor_path_knobs_changed_concurrently(seed):
     avail = _dispatch.op_availability("xnor_matmul", "cpu", "cpu")
     if not avail.available:
         pytest.skip(avail.reason)
-    from kdengine import _native
-
-    ops = _native.ops("cpu")
     cases = [(pack_signs(torch.randn(m, 200)), pack_signs(torch.randn(n, 200)))
              for m in (16, 24, 40) for n in (8, 200)]
     run = lambda cs: xnor_matmul(cs[0], cs[1], backend="cpu")  # noqa: E731
     expected = [run(cs) for cs in cases]
     stop = threading.Event()
-    old_split = ops.binary_set_split_b_rows(16)
-    old_lut = ops.binary_set_lut_min(16, 192)
+    old_split = testing.set_binary_split_b_rows(16)
+    old_lut = testing.set_binary_lut_min(16, 192)
 
     def flip() -> None:
         i = 0
         while not stop.is_set():
-            ops.binary_set_split_b_rows(16 if i % 2 else 10**9)
-            ops.binary_set_lut_min(*((16, 192) if i % 3 else (10**9, 10**9)))
+            testing.set_binary_split_b_rows(16 if i % 2 else 10**9)
+            testing.set_binary_lut_min(*((16, 192) if i % 3 else (10**9, 10**9)))
             i += 1
 
     t = threading.Thread(target=flip)
@@ -202,5 +199,5 @@ def test_xnor_path_knobs_changed_concurrently(seed):
     finally:
         stop.set()
         t.join()
-        ops.binary_set_split_b_rows(old_split)
-        ops.binary_set_lut_min(*old_lut)
+        testing.set_binary_split_b_rows(old_split)
+        testing.set_binary_lut_min(*old_lut)

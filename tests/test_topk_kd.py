@@ -15,7 +15,7 @@ from kdengine.llm.topk import (
     topk_kd_loss,
     topk_kd_rows,
 )
-from kdengine.reference.topk_kd import topk_kd_rows_reference
+from kdengine.llm.reference_topk import topk_kd_rows_reference
 
 COMBOS = [
     ("forward_kl", "renormalize"),

@@ -59,7 +59,7 @@ def _clock_ghz() -> float | None:
     try:
         from kdengine import _native
 
-        ops = _native.ops("cpu")
+        ops = _native.cpu_utils()
         return max(float(ops.binary_cpu_ghz(100_000_000)) for _ in range(3)) or None
     except Exception:  # noqa: BLE001 - no native library: no clock, no roofline
         return None

@@ -86,7 +86,7 @@ def torch_if_loop_autograd(x: torch.Tensor) -> torch.Tensor:
 
 
 def kdengine_if(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    from kdengine.ops.spiking import if_multistep
+    from kdengine.ops.if_multistep import if_multistep
 
     return if_multistep(x, THRESHOLD, None, surrogate="atan", alpha=ALPHA, backend=backend)
 
@@ -152,7 +152,7 @@ def run_spiking_bench(quick: bool = False, shape: tuple[int, int] | None = None,
     """Rows ``{suite, case, shape, dtype, impl, median_s, min_s, repeat, kdengine_speedup,
     effective_GBps, copy_GBps, copy_fraction}``, one per (case, implementation), CPU, fp32; the
     kdengine forward row adds ``clone_fraction``, and a ``floor: x.clone()`` row follows it."""
-    import kdengine.ops.spiking  # noqa: F401  (registers the backends before resolving)
+    import kdengine.ops.if_multistep  # noqa: F401  (registers the backends before resolving)
     from kdengine import _dispatch
 
     T, N = shape or (QUICK if quick else FULL)

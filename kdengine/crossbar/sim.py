@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from kdengine.nn.packed import PackedBinaryConv2d, PackedBinaryLinear
 from kdengine.ops.binary import pack_spikes
-from kdengine.reference import binary as ref
+from kdengine.ops.binary import reference as ref
 
 __all__ = ["simulate", "adc_quantize", "calibrate_adc_clip", "CrossbarStats", "LayerStats"]
 

@@ -64,7 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from kdengine import _dispatch
-from kdengine.ops.kd_config import KDConfig, Reduction
+from kdengine.ops.kd_loss.config import KDConfig, Reduction
 from kdengine.ops.kd_loss import make_config
 
 OP = "kd_loss"

@@ -565,7 +565,7 @@ def topk_kd_loss(
     lab2 = lab.reshape(-1).contiguous() if lab is not None else None
     _check_zero_mass(lp2, lab2, cfg)
     if backend == "reference":
-        from kdengine.reference.topk_kd import topk_kd_loss_reference
+        from kdengine.llm.reference_topk import topk_kd_loss_reference
 
         loss = topk_kd_loss_reference(s2, idx2, lp2, lab2, cfg, reduction)
     else:

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kdengine.ops.kd_config import Divergence, KDConfig, Reduction
+from kdengine.ops.kd_loss.config import Divergence, KDConfig, Reduction
 from kdengine.ops.kd_loss import FLOAT_DTYPES, make_config
 
 __all__ = ["vocab_parallel_kd_loss", "vocab_parallel_linear_kd_loss", "FP64_ABOVE_T"]

@@ -3,7 +3,7 @@
 Importing this package registers every backend implementation with :mod:`kdengine._dispatch`.
 """
 from kdengine.ops.kd_loss import kd_loss
-from kdengine.ops.spiking import if_multistep
+from kdengine.ops.if_multistep import if_multistep
 from kdengine.ops.binary import (
     PackedSigns,
     binary_conv2d,
@@ -13,7 +13,6 @@ from kdengine.ops.binary import (
     spike_matmul,
     xnor_matmul,
 )
-from kdengine.ops import kd_backends as _kd_backends  # noqa: F401  (registers kd_loss backends)
 
 __all__ = [
     "kd_loss",
