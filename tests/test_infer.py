@@ -125,6 +125,59 @@ def test_plans_cached_per_shape_and_bounded(saved_conv):
     assert len(im._plans) == 0
 
 
+def test_binary_layer_steps_are_the_layers_own_plans(saved_conv):
+    """The runtime's step for a packed layer is the layer's inference_plan, the code its forward
+    runs: the same kind, and on the layer's input the same output as the layer."""
+    from kdengine.nn import PackedBinaryConv2d, PackedBinaryLinear
+
+    model, path = saved_conv
+    im = load(path)
+    x = torch.randn(3, 1, 16, 16)
+    steps = {st["layer"]: st for st in im.plan_summary(x)["steps"]}
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda m, a, y, n=n: inputs.__setitem__(n, (a[0], y)))
+             for n, m in model.named_modules() if isinstance(m, (PackedBinaryLinear, PackedBinaryConv2d))]
+    _eager(model, x)
+    for h in hooks:
+        h.remove()
+    assert len(inputs) == 4  # c1, c2, tail.f0, tail.f1
+    for name, (xi, yi) in inputs.items():
+        m = model.get_submodule(name)
+        plan = m.inference_plan(xi, out_buffer=True)
+        assert steps[name]["step"] == plan.kind
+        assert steps[name]["out_shape"] == plan.out_shape == tuple(yi.shape)
+        assert torch.equal(plan.run(xi), yi)
+
+
+def test_spiking_binary_layers_run_their_plans_bitwise(seed):
+    """A spiking binary net (T, B, ...) through the runtime equals its eager forward bit for bit,
+    each binary step being the layer's plan."""
+    from kdengine.snn import IFNeuron, MultiStep, SpikingBinaryConv2d, SpikingBinaryLinear
+
+    def pm1(*shape):
+        return torch.randint(0, 2, shape).float() * 2 - 1
+
+    net = nn.Sequential(
+        MultiStep(nn.Conv2d(1, 6, 3, padding=1)), IFNeuron(0.5),
+        SpikingBinaryConv2d.from_signs(pm1(8, 6, 3, 3), torch.rand(8), torch.randn(8), 2, 1),
+        IFNeuron(0.7), MultiStep(nn.Flatten()),
+        SpikingBinaryLinear.from_signs(pm1(5, 8 * 4 * 4), torch.rand(5), torch.randn(5)),
+    ).eval()
+    x = torch.rand(4, 2, 1, 8, 8)
+    with torch.no_grad():
+        ref = net(x)
+    for m in net:
+        if isinstance(m, IFNeuron):
+            m.reset()
+    im = InferenceModel(net)
+    kinds = [st["step"] for st in im.plan_summary(x)["steps"]]
+    assert sum("and-popcount" in k for k in kinds) == 2
+    for m in net:
+        if isinstance(m, IFNeuron):
+            m.reset()
+    assert torch.equal(im.predict(x), ref)
+
+
 def test_plan_summary_preallocated_buffers(tmp_path):
     model = mlp_model(hidden=48)
     path = tmp_path / "mlp.safetensors"

@@ -10,19 +10,16 @@ The first call with a new input signature ``(shape, dtype, device)`` flattens th
 *plan*: one Python closure per leaf that does only the work that depends on the data. Everything
 that depends only on the weights and the input shape is done once, when the plan is built:
 
-* binary layers, ``mode="both"`` (the XNOR-popcount path): the backend is resolved once
-  (:mod:`kdengine._dispatch`), and the registered kernel is called directly with the packed
-  ``weight_bits`` and ``scale``/``bias`` already contiguous in the compute dtype, skipping the
-  argument checks of the public ops (done once at plan time); for
-  :class:`~kdengine.nn.PackedBinaryConv2d` the weights repacked to the channel-word order of the
-  im2col GEMM, the conv geometry and the zero-padding border correction (+ channel-padding
-  shift) are computed once per input shape, where :func:`kdengine.ops.binary_conv2d` recomputes
-  them on every call;
-* binary layers, ``mode="weights"``: the unpacked +-1 weights (cached by the layer) and
-  ``scale``/``bias`` converted to the input dtype;
+* packed and spiking binary layers (:class:`~kdengine.nn.PackedBinaryLinear`,
+  :class:`~kdengine.nn.PackedBinaryConv2d`, :mod:`kdengine.snn.binary`): the step is the layer's
+  own plan, ``layer.inference_plan(x, out_buffer=True)`` (:mod:`kdengine.nn.plan`), the code the
+  layer's ``forward`` runs too: backend resolved once, the packed weights, scale and bias ready in
+  the compute dtype, for a binary conv the weights repacked to the channel-word order of the
+  im2col GEMM and the zero-padding border correction computed once per input shape, the conv
+  output handed on channels-last (no transpose copy);
 * ``nn.Linear`` and ``mode="weights"`` binary linear layers write into an output buffer
   preallocated per plan (``torch.addmm(..., out=)`` / ``torch.mm(..., out=)``; the scale and bias
-  of a binary layer are applied in place on that buffer);
+  of a binary layer are applied in place on that buffer: ``out_buffer=True``);
 * ``nn.ReLU`` / ``nn.Hardtanh`` run in place when their input is a tensor the plan owns (a
   preallocated buffer or a fresh layer output, never the caller's input);
 * ``nn.Flatten`` is a view; ``nn.Identity`` and ``nn.Dropout`` (eval) are dropped from the plan;
@@ -41,9 +38,8 @@ Plans hold buffers, so one :class:`InferenceModel` runs one call at a time (a lo
 concurrent callers). Changing the module's weights after a plan was built needs :meth:`reset`.
 Up to :data:`MAX_PLANS` input signatures are cached (least recently used is dropped).
 
-Spiking models: leaf types the runtime does not know run through their own ``forward`` (a
-generic step), so a future spiking layer type that :mod:`kdengine.serialize` learns to load
-runs unchanged, just without a specialised plan step.
+Leaf types without a plan that the runtime does not know run through their own ``forward`` (a
+generic step).
 """
 from __future__ import annotations
 
@@ -63,6 +59,7 @@ from torch import Tensor, nn
 
 from kdengine import _dispatch
 from kdengine.nn.packed import PackedBinaryConv2d, PackedBinaryLinear
+from kdengine.nn.plan import PlannedModule
 
 __all__ = ["InferenceModel", "LatencyStats", "load", "MAX_PLANS"]
 
@@ -145,21 +142,6 @@ class _Built:
         self.prealloc, self.precomputed = prealloc, precomputed
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _vec(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.detach().to(dtype).contiguous()
-
-
-def _resolve(op: str, m: nn.Module, x: Tensor) -> str:
-    try:
-        return _dispatch.resolve(op, x.device, getattr(m, "backend", None))
-    except RuntimeError as exc:  # the requested backend cannot run here: say so as a ValueError
-        raise ValueError(str(exc)) from None
-
-
 def _step_linear(m: nn.Linear, x: Tensor) -> _Built:
     if x.dim() != 2 or x.shape[1] != m.in_features or x.dtype != m.weight.dtype:
         return _step_generic(m, x, owned_out=True)
@@ -178,90 +160,11 @@ def _step_linear(m: nn.Linear, x: Tensor) -> _Built:
     return _Built(fn, fn(x), True, "linear (out= buffer)", buf.numel() * buf.element_size())
 
 
-def _step_packed_linear(m: PackedBinaryLinear, x: Tensor) -> _Built:
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"input of {m.__class__.__name__} must be floating, got dtype {x.dtype}")
-    if x.shape[-1] != m.in_features:
-        raise ValueError(f"x must have shape (..., {m.in_features}), got {tuple(x.shape)}")
-    k, n = m.in_features, m.out_features
-    if m.mode == "both":
-        impl = _dispatch.implementation("binary_linear", _resolve("binary_linear", m, x))
-        bits = m.weight_bits.contiguous()
-        ct = _compute_dtype(x.dtype)
-        sc, bi = _vec(m.scale, ct), _vec(m.bias, ct)
-        lead = tuple(x.shape[:-1])
-        if x.dim() == 2:
-
-            def fn(x: Tensor) -> Tensor:
-                return impl(x if x.is_contiguous() else x.contiguous(), bits, k, sc, bi)
-        else:
-
-            def fn(x: Tensor) -> Tensor:
-                return impl(x.reshape(-1, k).contiguous(), bits, k, sc, bi).reshape(*lead, n)
-
-        return _Built(fn, fn(x), True, "binary linear, xnor-popcount kernel")
-    # mode "weights": float matmul on the unpacked +-1 weights, then * scale (+ bias) in place:
-    # the same float operations as PackedBinaryLinear.forward (F.linear without bias is mm).
-    if x.dim() != 2:
-        return _step_generic(m, x, owned_out=True)
-    dense_t = m._dense_pm1(x.dtype).t()
-    scale = m.scale.to(x.dtype)
-    bias = None if m.bias is None else m.bias.to(x.dtype)
-    buf = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-
-    def fn(x: Tensor) -> Tensor:
-        y = torch.mm(x, dense_t, out=buf).mul_(scale)
-        return y if bias is None else y.add_(bias)
-
-    return _Built(fn, fn(x), True, "binary-weight linear (unpacked +-1, out= buffer)",
-                  buf.numel() * buf.element_size())
-
-
-def _step_packed_conv(m: PackedBinaryConv2d, x: Tensor) -> _Built:
-    from kdengine.ops import binary as bops
-
-    if x.dim() != 4 or x.shape[1] != m.in_channels:
-        raise ValueError(f"x must have shape (N, {m.in_channels}, H, W), got {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"input of {m.__class__.__name__} must be floating, got dtype {x.dtype}")
-    if m.mode == "weights":
-        w = m._dense_pm1(x.dtype).view(m.out_channels, m.in_channels, *m.kernel_size)
-        scale = m.scale.to(x.dtype).view(1, -1, 1, 1)
-        bias = None if m.bias is None else m.bias.to(x.dtype).view(1, -1, 1, 1)
-        stride, padding, dilation = m.stride, m.padding, m.dilation
-
-        def fn(x: Tensor) -> Tensor:
-            y = F.conv2d(x, w, None, stride, padding, dilation).mul_(scale)
-            return y if bias is None else y.add_(bias)
-
-        return _Built(fn, fn(x), True, "binary-weight conv (unpacked +-1)")
-    backend = _resolve("binary_conv2d", m, x)
-    geo = bops.ConvGeometry(*x.shape, kernel=m.kernel_size, stride=m.stride, padding=m.padding,
-                            dilation=m.dilation)
-    oh, ow = geo.out_hw
-    if oh < 1 or ow < 1:
-        raise ValueError(f"the kernel {m.kernel_size} does not fit the input {tuple(x.shape[2:])}")
-    bits = m.weight_bits.contiguous()
-    ct = _compute_dtype(x.dtype)
-    sc, bi = _vec(m.scale, ct), _vec(m.bias, ct)
-    if backend not in ("cpu", "triton", "cuda"):
-        impl = _dispatch.implementation("binary_conv2d", backend)
-
-        def fn(x: Tensor) -> Tensor:
-            return impl(x, bits, geo, sc, bi)
-
-        return _Built(fn, fn(x), True, f"binary conv ({backend} kernel)")
-    # Weight repacking and border correction once (ConvPlan); the output is handed on as a
-    # channels_last view (no transpose copy): the pooling / BN that follow run faster on it, and
-    # the next binary conv packs each pixel's channels from contiguous memory.
-    with torch.no_grad():
-        plan = bops.ConvPlan(bits, geo, backend)
-
-    def fn(x: Tensor) -> Tensor:
-        return plan.run(x, sc, bi, channels_last_out=True)
-
-    return _Built(fn, fn(x), True, "binary conv, xnor-popcount GEMM (weights repacked once)",
-                  precomputed=plan.nbytes)
+def _step_layer_plan(m: nn.Module, x: Tensor) -> _Built:
+    """A layer with its own plan (packed and spiking binary layers): the step is its
+    :attr:`~kdengine.nn.LayerPlan.run`, the code its ``forward`` runs too."""
+    plan = m.inference_plan(x, out_buffer=True)
+    return _Built(plan.run, plan.run(x), True, plan.kind, plan.prealloc_bytes, plan.precomputed_bytes)
 
 
 def _step_bn(m: nn.modules.batchnorm._BatchNorm, x: Tensor) -> _Built:
@@ -309,10 +212,8 @@ def _make_step(m: nn.Module, x: Tensor, owned: bool) -> _Built:
         return _Built(fn, fn(x), owned, "flatten (view)")
     if t is nn.Linear:
         return _step_linear(m, x)
-    if t is PackedBinaryLinear:
-        return _step_packed_linear(m, x)
-    if t is PackedBinaryConv2d:
-        return _step_packed_conv(m, x)
+    if isinstance(m, PlannedModule):
+        return _step_layer_plan(m, x)
     if t in (nn.BatchNorm1d, nn.BatchNorm2d):
         return _step_bn(m, x)
     if t in (nn.ReLU, nn.Hardtanh):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from kdengine.ops.spiking import if_multistep
+from kdengine.ops import if_multistep
 
 __all__ = [
     "Stateful",
