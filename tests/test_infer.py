@@ -206,8 +206,12 @@ def test_weights_mode_preallocates_binary_linear_output(tmp_path):
 def test_bad_inputs_raise_specific_errors(saved_conv):
     model, path = saved_conv
     im = load(path)
-    with pytest.raises(ValueError, match="layer"):
+    with pytest.raises(ValueError, match=r"^input has shape \(2, 3, 16, 16\); the model expects \(N, 1, H, W\)$"):
         im.predict(torch.randn(2, 3, 16, 16))  # 3 channels, the model takes 1
+    with pytest.raises(ValueError, match=r"input has shape \(1, 16, 16\); the model expects \(N, 1, H, W\)"):
+        im.predict(torch.randn(1, 16, 16))  # no batch dimension: predict takes batches
+    with pytest.raises(ValueError, match="layer"):
+        im.predict(torch.randn(2, 1, 3, 3))  # the channels fit, the size does not: the layer says
     with pytest.raises(TypeError, match="floating"):
         im.predict(torch.ones(2, 1, 16, 16, dtype=torch.int64))
     with pytest.raises(TypeError, match="torch.Tensor"):
@@ -300,6 +304,49 @@ def test_adapt_input(tmp_path):
     assert lin.adapt_input(torch.zeros(784)).shape == (1, 784)
 
 
+def test_wrong_input_shape_names_the_expected_shape(tmp_path):
+    """A file saved with input_shape names the full expected shape; without it, what the first
+    layer fixes. The CLI's single-sample form is accepted and named too."""
+    path = tmp_path / "c.safetensors"
+    model = conv_model("both")
+    save_packed(model, path, input_shape=(1, 16, 16))
+    im = load(path)
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(im.predict(x), _eager(model, x))
+    with pytest.raises(ValueError) as e:
+        im.predict(torch.randn(2, 1, 28, 28))
+    assert str(e.value) == "input has shape (2, 1, 28, 28); the model expects (N, 1, 16, 16)"
+    with pytest.raises(ValueError) as e:
+        im.adapt_input(torch.randn(5, 3, 16))
+    assert str(e.value) == ("input has shape (5, 3, 16); the model expects (N, 1, 16, 16) or "
+                            "(1, 16, 16)")
+    assert im.adapt_input(torch.randn(1, 16, 16)).shape == (1, 1, 16, 16)
+    # no recorded shape, first layer linear after a flatten: the number of values per sample
+    lin = InferenceModel(mlp_model(hidden=16))
+    with pytest.raises(ValueError) as e:
+        lin.predict(torch.randn(3, 1, 20, 20))
+    assert str(e.value) == ("input has shape (3, 1, 20, 20); the model expects (N, 784), or (N, ...) "
+                            "with 784 values per sample")
+    assert lin.predict(torch.randn(3, 784)).shape == (3, 10)
+    assert lin.adapt_input(torch.randn(28, 28)).shape == (1, 28, 28)
+    plain = InferenceModel(nn.Sequential(nn.Linear(12, 3)))
+    with pytest.raises(ValueError, match=r"expects \(N, 12\) or \(12,\)$"):
+        plain.adapt_input(torch.randn(4, 13))
+
+
+def test_saved_input_shape_is_checked(tmp_path):
+    model = conv_model("weights")
+    for bad in ((), (0, 16), (1.5, 2), [True], "16", (1,) * 9):
+        with pytest.raises(ValueError, match="input_shape"):
+            save_packed(model, tmp_path / "bad.safetensors", input_shape=bad)
+    from kdengine.serialize import read_manifest
+
+    save_packed(model, tmp_path / "ok.safetensors", input_shape=[1, 16, 16])
+    assert read_manifest(tmp_path / "ok.safetensors")["input_shape"] == [1, 16, 16]
+    save_packed(model, tmp_path / "none.safetensors")
+    assert "input_shape" not in read_manifest(tmp_path / "none.safetensors")
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -347,6 +394,39 @@ def test_cli_text_npy_and_safetensors(mlp_file, tmp_path, capsys):
     assert out["correct"] == int((pred == y).sum())
 
 
+def test_cli_wrong_shape_names_the_expected_shape(tmp_path, capsys):
+    """The command line: the error names the INPUT's shape and the model's, exit status 2."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "c.safetensors"
+    save_packed(conv_model("both"), path, input_shape=(1, 16, 16))
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((5, 3, 16, 16), dtype=np.float32))
+    assert infer_main([str(path), str(wrong)]) == 2
+    assert capsys.readouterr().err == ("kdengine infer: error: input has shape (5, 3, 16, 16); the model "
+                                       "expects (N, 1, 16, 16) or (1, 16, 16)\n")
+    ok = tmp_path / "ok.npy"
+    np.save(ok, np.zeros((5, 16, 16), dtype=np.float32))  # grey images without a channel dimension
+    assert infer_main([str(path), str(ok), "--repeat", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 5
+    code = "import sys; from kdengine.cli import main; sys.exit(main(sys.argv[1:]))"
+    out = subprocess.run([sys.executable, "-c", code, "infer", str(path), str(wrong)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "error: input has shape (5, 3, 16, 16); the model expects (N, 1, 16, 16)" in out.stderr
+
+
+def test_cli_every_argument_has_help():
+    from kdengine.infer.runtime import infer_parser
+
+    actions = [a for a in infer_parser()._actions if a.dest != "help"]
+    assert {a.dest for a in actions} >= {"model", "input", "batch", "json", "repeat", "threads",
+                                         "backend", "max_input_mb", "show"}
+    for a in actions:
+        assert a.help and len(a.help) > 10, a.dest
+
+
 def test_cli_errors(mlp_file, tmp_path, capsys):
     _, path = mlp_file
     obj = tmp_path / "obj.npy"
@@ -361,5 +441,6 @@ def test_cli_errors(mlp_file, tmp_path, capsys):
     np.save(wrong, np.zeros((2, 5, 5), dtype=np.float32))
     assert infer_main([str(path), str(wrong)]) == 2
     err = capsys.readouterr().err
-    assert "kdengine infer: error:" in err
+    assert err.strip().endswith("kdengine infer: error: input has shape (2, 5, 5); the model expects "
+                                "(N, 784), or (N, ...) with 784 values per sample, or (784,)")
     assert infer_main([str(path), "mnist:test:2", "--batch", "0"]) == 2

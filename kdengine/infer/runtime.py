@@ -265,6 +265,33 @@ def _build_plan(module: nn.Module, x: Tensor) -> tuple[_Plan, Tensor]:
 # --------------------------------------------------------------------------- model
 
 
+_SHAPE_KEEPING = (nn.Identity, nn.Dropout, nn.ReLU, nn.Hardtanh)
+
+
+def _input_spec(leaves: list[nn.Module]) -> tuple[Optional[tuple], Optional[int]]:
+    """What the first shape-bound layer says about one input sample: ``(dims, None)`` with None
+    for a free size (a conv's ``(C, None, None)``, a linear layer's ``(F,)``), ``(None, F)`` for
+    ``F`` values per sample flattened first, ``(None, None)`` when nothing is known."""
+    flat = False
+    for m in leaves:
+        if isinstance(m, _SHAPE_KEEPING):
+            continue
+        if type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1 and not flat:
+            flat = True
+            continue
+        if isinstance(m, (nn.Conv2d, PackedBinaryConv2d)) and not flat:
+            return (m.in_channels, None, None), None
+        if isinstance(m, nn.BatchNorm2d) and not flat:
+            return (m.num_features, None, None), None
+        n = getattr(m, "in_features", None) if isinstance(m, (nn.Linear, PackedBinaryLinear)) else None
+        if n is None and flat and isinstance(m, nn.BatchNorm1d):
+            n = m.num_features
+        if n is not None:
+            return (None, n) if flat else ((n,), None)
+        break
+    return None, None
+
+
 class InferenceModel:
     """A packed model ready to run: :meth:`predict`, :meth:`latency`, :meth:`plan_summary`.
 
@@ -272,9 +299,13 @@ class InferenceModel:
         module: the model (e.g. from :func:`kdengine.serialize.load_packed`); put in eval mode,
             ``requires_grad`` turned off. Packed binary layers run the packed kernels.
         path: the file it came from (informational).
+        input_shape: the shape of one sample without the batch dimension (recorded by
+            :func:`kdengine.serialize.save_packed`); without it the expected shape comes from the
+            first layer (a conv's channels, a linear layer's features).
     """
 
-    def __init__(self, module: nn.Module, path: Optional[str] = None) -> None:
+    def __init__(self, module: nn.Module, path: Optional[str] = None,
+                 input_shape: Optional[tuple[int, ...]] = None) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         self.module = module.eval()
@@ -287,8 +318,37 @@ class InferenceModel:
         if first is None:
             first = next(iter(self.module.buffers()), None)
         self.device = first.device if first is not None else torch.device("cpu")
+        if input_shape is not None:
+            self._sample, self._sample_values = tuple(int(d) for d in input_shape), None
+        else:
+            self._sample, self._sample_values = _input_spec([m for _, m in _leaves(self.module)])
 
     # -- inputs
+
+    def expected_input(self, single: bool = False) -> Optional[str]:
+        """The input shapes the model takes, in words (``"(N, 1, H, W)"``; with ``single``, also
+        one sample without the batch dimension); None when the first layer does not tell."""
+        if self._sample is not None:
+            names = ("C", "H", "W") if len(self._sample) == 3 else ("?",) * len(self._sample)
+            dims = ", ".join(str(d) if d is not None else names[i] for i, d in enumerate(self._sample))
+            one = f"({dims},)" if len(self._sample) == 1 else f"({dims})"
+            return f"(N, {dims})" + (f" or {one}" if single else "")
+        if self._sample_values is not None:
+            f = self._sample_values
+            return f"(N, {f}), or (N, ...) with {f} values per sample" + (f", or ({f},)" if single else "")
+        return None
+
+    def _check_shape(self, x: Tensor, shown: tuple[int, ...], single: bool = False) -> None:
+        """ValueError naming the expected shapes unless ``x`` (batch first) fits the first layer."""
+        if self._sample is not None:
+            ok = x.dim() == len(self._sample) + 1 and all(
+                d is None or d == n for d, n in zip(self._sample, x.shape[1:]))
+        elif self._sample_values is not None:
+            ok = x.dim() >= 2 and math.prod(x.shape[1:]) == self._sample_values
+        else:
+            return
+        if not ok:
+            raise ValueError(f"input has shape {tuple(shown)}; the model expects {self.expected_input(single)}")
 
     def _check_input(self, x: Any) -> Tensor:
         if isinstance(x, np.ndarray):
@@ -301,25 +361,33 @@ class InferenceModel:
             raise ValueError(f"x must have a non-empty batch dimension first, got shape {tuple(x.shape)}")
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the model on {self.device}")
+        self._check_shape(x, x.shape)
         return x.detach()
 
     def adapt_input(self, x: Tensor) -> Tensor:
         """Give an image batch the layout the first layer wants (used by the CLI):
-        ``(N, H, W)`` -> ``(N, 1, H, W)`` for a conv net with one input channel,
-        ``(N, ...)`` -> ``(N, F)`` for a net whose first layer is linear with ``F`` inputs."""
-        leaves = [m for _, m in _leaves(self.module)]
-        first = next((m for m in leaves if not isinstance(m, (nn.Identity, nn.Dropout))), None)
-        if isinstance(first, (nn.Conv2d, PackedBinaryConv2d)):
-            if x.dim() == 3 and first.in_channels == 1:
-                return x.unsqueeze(1)
-            if x.dim() == 2 and first.in_channels == 1:
-                return x.reshape(1, 1, *x.shape)
-        if isinstance(first, (nn.Linear, PackedBinaryLinear)):
-            n_in = first.in_features
-            if x.dim() > 2 and math.prod(x.shape[1:]) == n_in:
-                return x.reshape(x.shape[0], n_in)
-            if x.dim() == 1 and x.numel() == n_in:
-                return x.reshape(1, n_in)
+        ``(N, H, W)`` -> ``(N, 1, H, W)`` for a conv net with one input channel, one sample without
+        the batch dimension -> a batch of one, ``(N, ...)`` -> ``(N, F)`` for a net whose first
+        layer is linear with ``F`` inputs. An input that fits none of these is a ValueError that
+        names its shape and the shapes the model takes."""
+        shown = tuple(x.shape)
+        sample, values = self._sample, self._sample_values
+        if sample is not None:
+            if len(sample) == 3 and sample[0] == 1 and x.dim() == 3:
+                x = x.unsqueeze(1)  # (N, H, W) grey images
+            elif len(sample) == 3 and sample[0] == 1 and x.dim() == 2:
+                x = x.reshape(1, 1, *x.shape)
+            elif x.dim() == len(sample):
+                x = x.unsqueeze(0)
+            elif len(sample) == 1 and x.dim() > 2 and math.prod(x.shape[1:]) == sample[0]:
+                x = x.reshape(x.shape[0], sample[0])
+            elif len(sample) == 1 and x.dim() == 1 and x.numel() == sample[0]:
+                x = x.reshape(1, sample[0])
+        elif values is not None and x.dim() >= 1 and x.numel() == values and (
+                x.dim() == 1 or math.prod(x.shape[1:]) != values):
+            x = x.unsqueeze(0)  # one sample
+        if x.dim() >= 1:
+            self._check_shape(x, shown, single=True)
         return x
 
     # -- running
@@ -436,16 +504,16 @@ def load(path: PathLike, device: Union[str, torch.device] = "cpu", backend: Opti
     if it does not exist). ``backend`` (e.g. ``"cpu"``, ``"reference"``) forces the binary ops'
     backend; None lets the dispatcher choose.
     """
-    from kdengine.serialize import load_packed
+    from kdengine.serialize import load_packed_with_manifest
 
     if backend is not None and backend not in ("auto", *_dispatch.BACKENDS):
         raise ValueError(f"backend must be one of {_dispatch.BACKENDS} or 'auto', got {backend!r}")
-    module = load_packed(path, device=device)
+    module, manifest = load_packed_with_manifest(path, device=device)
     if backend is not None:
         for m in module.modules():
             if isinstance(m, (PackedBinaryLinear, PackedBinaryConv2d)):
                 m.backend = backend
-    return InferenceModel(module, path=os.fspath(path))
+    return InferenceModel(module, path=os.fspath(path), input_shape=manifest.get("input_shape"))
 
 
 # --------------------------------------------------------------------------- command line
@@ -562,17 +630,9 @@ def load_input(spec: str, max_input_bytes: Optional[int] = None) -> tuple[Tensor
     return x, y, f"{spec}: {x.shape[0]} images of shape {tuple(x.shape[1:])}"
 
 
-def infer_main(argv: Optional[list[str]] = None) -> int:
-    """``kdengine infer MODEL INPUT [--batch N] [--json] [--repeat R] [--threads T] [--backend B]``.
-
-    Loads MODEL (:func:`load`), runs every image of INPUT (:func:`load_input`) in batches of N,
-    prints the predictions, the accuracy when labels are known, and the latency: p50/p99 of
-    ``repeat`` timed calls at batch 1 (and at batch N when N > 1) plus the throughput of the whole
-    pass. ``--json`` prints one JSON object instead. Returns the exit status (0 ok, 2 bad input).
-    """
+def infer_parser() -> "argparse.ArgumentParser":
+    """The argument parser of ``kdengine infer`` (every argument with its help text)."""
     import argparse
-    import json
-    import sys
 
     ap = argparse.ArgumentParser(prog="kdengine infer", description="Run a packed binary model.")
     ap.add_argument("model", help="a .safetensors file written by kdengine.serialize.save_packed")
@@ -586,7 +646,21 @@ def infer_main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--max-input-mb", type=float, default=None,
                     help="largest decoded INPUT accepted, in MiB (default 256)")
     ap.add_argument("--show", type=int, default=20, help="predictions printed in text mode (default 20)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def infer_main(argv: Optional[list[str]] = None) -> int:
+    """``kdengine infer MODEL INPUT [--batch N] [--json] [--repeat R] [--threads T] [--backend B]``.
+
+    Loads MODEL (:func:`load`), runs every image of INPUT (:func:`load_input`) in batches of N,
+    prints the predictions, the accuracy when labels are known, and the latency: p50/p99 of
+    ``repeat`` timed calls at batch 1 (and at batch N when N > 1) plus the throughput of the whole
+    pass. ``--json`` prints one JSON object instead. Returns the exit status (0 ok, 2 bad input).
+    """
+    import json
+    import sys
+
+    a = infer_parser().parse_args(argv)
 
     def fail(msg: str) -> int:
         print(f"kdengine infer: error: {msg}", file=sys.stderr)
