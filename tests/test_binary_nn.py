@@ -363,6 +363,27 @@ def test_packed_forward_plans_follow_the_weights(seed):
     assert torch.equal(layer(x), other(x))
 
 
+def test_packed_forward_gradients(seed):
+    """mode "both" runs the inference-only popcount kernels: no graph, and torch.func gradient
+    transforms refuse (they would silently give zeros); mode "weights" is a float matmul with the
+    input's gradient."""
+    from kdengine.snn import SpikingBinaryLinear
+
+    for layer, x in ((pack_model(BinaryLinear(40, 5, mode="both")), torch.randn(3, 40)),
+                     (_random_packed_conv(3, 4, 3, 1, 1, 1), torch.randn(2, 3, 6, 6)),
+                     (SpikingBinaryLinear(8, 3), torch.ones(2, 1, 8))):
+        assert not layer(x.clone().requires_grad_()).requires_grad
+        with pytest.raises(RuntimeError, match="torch.func"):
+            torch.func.grad(lambda t: layer(t).sum())(x)
+    lin = BinaryLinear(40, 5, mode="weights")
+    packed = pack_model(lin)
+    x = torch.randn(3, 40, requires_grad=True)
+    (g,) = torch.autograd.grad(packed(x).sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(lin(x2).sum(), x2)
+    assert torch.equal(g, g_ref)
+
+
 def test_constructor_argument_orders_follow_torch():
     """Every linear layer takes (in_features, out_features, bias, ...) and every conv
     (in_channels, out_channels, kernel_size, stride, padding, dilation, bias, ...): torch's order

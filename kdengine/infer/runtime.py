@@ -361,7 +361,6 @@ class InferenceModel:
             raise ValueError(f"x must have a non-empty batch dimension first, got shape {tuple(x.shape)}")
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the model on {self.device}")
-        self._check_shape(x, x.shape)
         return x.detach()
 
     def adapt_input(self, x: Tensor) -> Tensor:
@@ -401,6 +400,7 @@ class InferenceModel:
         if plan is not None:
             self._plans.move_to_end(key)
             return plan, None
+        self._check_shape(x, x.shape)  # a cached plan's signature has passed it
         plan, y = _build_plan(self.module, x)
         self._plans[key] = plan
         while len(self._plans) > MAX_PLANS:

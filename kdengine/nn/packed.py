@@ -61,6 +61,7 @@ from kdengine.nn.plan import (
     LayerPlan,
     PlannedModule,
     compute_dtype,
+    inference_only,
     nbytes,
     resolve_backend,
 )
@@ -213,6 +214,7 @@ class PackedBinaryLinear(PackedLayerBase):
             bits = self.weight_bits.contiguous()
             ct = compute_dtype(x.dtype)
             sc, bi = _vec(self.scale, ct), _vec(self.bias, ct)
+            name = type(self).__name__
             if x.numel() == 0:
                 run = lambda x: torch.zeros((*lead, n), dtype=x.dtype, device=x.device)  # noqa: E731
             elif x.dim() == 2:
@@ -224,7 +226,7 @@ class PackedBinaryLinear(PackedLayerBase):
                 def run(x: Tensor) -> Tensor:
                     return impl(x.reshape(-1, k).contiguous(), bits, k, sc, bi).reshape(*lead, n)
 
-            return LayerPlan(run, (*lead, n), "binary linear, xnor-popcount kernel")
+            return LayerPlan(inference_only(run, name), (*lead, n), "binary linear, xnor-popcount kernel")
         # mode "weights": float matmul on the unpacked +-1 weights, then * scale (+ bias) in place
         dense = self._dense_pm1(x.dtype)
         scale, bias = self.scale.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
@@ -319,7 +321,8 @@ class PackedBinaryConv2d(PackedLayerBase):
         if backend not in GEMM_CONV_BACKENDS:
             impl = _dispatch.implementation("binary_conv2d", backend)
             bits = self.weight_bits.contiguous()
-            return LayerPlan(lambda x: impl(x, bits, geo, sc, bi), out_shape, f"binary conv ({backend} kernel)")
+            return LayerPlan(inference_only(lambda x: impl(x, bits, geo, sc, bi), "PackedBinaryConv2d"),
+                             out_shape, f"binary conv ({backend} kernel)")
         (kh, kw), cw = self.kernel_size, n_words(self.in_channels)
         if kh * kw * 32 * cw >= K_LIMIT:
             raise ValueError(f"the conv GEMM's K = kh*kw*32*ceil(C/32) = {kh * kw * 32 * cw} must be < 2^31")
@@ -336,7 +339,8 @@ class PackedBinaryConv2d(PackedLayerBase):
                 y.add_(bi)
             return y.view(b, oh, ow, o).permute(0, 3, 1, 2).to(x.dtype)
 
-        return LayerPlan(run, out_shape, "binary conv, xnor-popcount GEMM (weights repacked once)",
+        return LayerPlan(inference_only(run, "PackedBinaryConv2d"), out_shape,
+                         "binary conv, xnor-popcount GEMM (weights repacked once)",
                          precomputed_bytes=conv.nbytes)
 
     def extra_repr(self) -> str:

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from kdengine import _dispatch
 from kdengine.ops.binary import ConvGeometry, channel_words
 
-__all__ = ["LayerPlan", "PlannedModule", "ChannelWordConv", "resolve_backend", "compute_dtype"]
+__all__ = ["LayerPlan", "PlannedModule", "ChannelWordConv", "resolve_backend", "compute_dtype",
+           "inference_only"]
 
 # Cached forward plans per layer: enough for a train/eval pair of batch sizes and two dtypes.
 MAX_FORWARD_PLANS = 4
@@ -66,6 +67,28 @@ def resolve_backend(op: str, device: torch.device, backend: Optional[str]) -> st
         raise ValueError(str(exc)) from None
 
 
+def inference_only(run: Callable[[Tensor], Tensor], layer: str) -> Callable[[Tensor], Tensor]:
+    """``run`` for a step on the popcount kernels, which define no gradient: its input is detached
+    (the output never requires grad), and inside ``torch.func`` gradient transforms (where it would
+    silently give zero gradients) it raises RuntimeError. A plan built under
+    ``torch.inference_mode`` (the runtime's; the forward cache keys on the mode) is run there,
+    where nothing requires grad: ``run`` is returned as it is, without the per-call guard."""
+    if torch.is_inference_mode_enabled():
+        return run
+
+    def guarded(x: Tensor) -> Tensor:
+        if torch._C._functorch.is_gradtrackingtensor(x):
+            raise RuntimeError(
+                f"{layer} runs the popcount kernels, which are inference-only and define no "
+                "gradient, so it cannot run inside torch.func gradient transforms (grad, vjp, "
+                "jacrev, ...); train with the straight-through layers of kdengine.nn "
+                "(BinaryLinear, BinaryConv2d)"
+            )
+        return run(x.detach())
+
+    return guarded
+
+
 def nbytes(*tensors: Optional[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -94,7 +117,10 @@ class PlannedModule(nn.Module):
         if plan is None:
             plan = self.inference_plan(x)
             if len(cache) >= MAX_FORWARD_PLANS:
-                cache.pop(next(iter(cache)))
+                try:  # the oldest; another thread may have dropped it already
+                    cache.pop(next(iter(cache)), None)
+                except (StopIteration, RuntimeError):
+                    pass
             cache[key] = plan
         return plan
 

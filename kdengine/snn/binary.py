@@ -31,7 +31,7 @@ from torch import Tensor
 from kdengine import _dispatch
 from kdengine.nn.binary import Pair, _conv_repr, _init_conv, _init_linear, _linear_repr
 from kdengine.nn.packed import PackedLayerBase
-from kdengine.nn.plan import ChannelWordConv, LayerPlan, resolve_backend
+from kdengine.nn.plan import ChannelWordConv, LayerPlan, inference_only, resolve_backend
 from kdengine.ops.binary import ConvGeometry
 
 __all__ = ["SpikingBinaryLinear", "SpikingBinaryConv2d"]
@@ -161,7 +161,8 @@ class SpikingBinaryLinear(_SpikingBase):
             dot = gemm(pack(s.reshape(rows, k).contiguous(), True), w, k)  # int32 (T*B, N), exact
             return self._epilogue(dot).reshape(out_shape)
 
-        return LayerPlan(run, out_shape, "spiking binary linear, and-popcount kernel")
+        return LayerPlan(inference_only(run, "SpikingBinaryLinear"), out_shape,
+                         "spiking binary linear, and-popcount kernel")
 
     def extra_repr(self) -> str:
         return f"{_linear_repr(self)}, kernel=spike_matmul"
@@ -235,7 +236,8 @@ class SpikingBinaryConv2d(_SpikingBase):
             y = self._epilogue(conv.counts(neg.reshape(t * b, c, h, w), torch.float32))
             return y.view(t, b, oh, ow, o).permute(0, 1, 4, 2, 3)
 
-        return LayerPlan(run, out_shape, "spiking binary conv, and-popcount GEMM (weights repacked once)",
+        return LayerPlan(inference_only(run, "SpikingBinaryConv2d"), out_shape,
+                         "spiking binary conv, and-popcount GEMM (weights repacked once)",
                          precomputed_bytes=conv.nbytes)
 
     def extra_repr(self) -> str:
