@@ -363,6 +363,24 @@ def test_packed_forward_plans_follow_the_weights(seed):
     assert torch.equal(layer(x), other(x))
 
 
+def test_copied_layer_builds_its_own_plans(seed, tmp_path):
+    """Plans hold the layer's tensors: a deep copy (what pack_model makes) or a reload must not run
+    the original's plans."""
+    import copy
+
+    layer = _random_packed_conv(3, 4, 3, 1, 1, 1)
+    x = torch.randn(2, 3, 5, 5)
+    y = layer(x)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.bias.add_(1.0)
+    assert torch.equal(layer(x), y)
+    assert torch.equal(twin(x), binary_conv2d(x, twin.packed_weight, 3, twin.scale, twin.bias, 1, 1, 1))
+    assert not torch.equal(twin(x), y)
+    torch.save(layer, tmp_path / "l.pt")
+    assert torch.equal(torch.load(tmp_path / "l.pt", weights_only=False)(x), y)
+
+
 def test_packed_forward_gradients(seed):
     """mode "both" runs the inference-only popcount kernels: no graph, and torch.func gradient
     transforms refuse (they would silently give zeros); mode "weights" is a float matmul with the
