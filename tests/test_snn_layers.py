@@ -215,6 +215,11 @@ def test_spiking_binary_layers_reject_bad_inputs():
     layer = SpikingBinaryLinear.from_signs(_pm1(3, 8), torch.ones(3))
     with pytest.raises(ValueError, match="spikes"):
         layer(torch.full((2, 1, 8), 0.5))
+    layer.check_spikes = False  # the forward plan follows the option
+    assert layer(torch.full((2, 1, 8), 0.5)).shape == (2, 1, 3)
+    layer.check_spikes = True
+    with pytest.raises(ValueError, match="spikes"):
+        layer(torch.full((2, 1, 8), 0.5))
     with pytest.raises(ValueError, match="features"):
         layer(torch.zeros(2, 1, 9))
     with pytest.raises(ValueError, match=r"\+1 and -1"):
@@ -227,7 +232,7 @@ def test_spiking_binary_layers_reject_bad_inputs():
 
 
 def test_spiking_modules_are_kdengine_nn_layers(seed):
-    """The issue names them kdengine.nn.IFNeuron / MultiStep / IntegrateOutput: a model built from
+    """kdengine.nn names them too (IFNeuron / MultiStep / IntegrateOutput): a model built from
     kdengine.nn alone runs T steps and predicts from the integrated potential."""
     import kdengine.nn as knn
 

@@ -97,8 +97,8 @@ class PlannedModule(nn.Module):
     """A module whose ``forward`` is the :attr:`LayerPlan.run` of its input's signature.
 
     Subclasses define ``inference_plan(x, *, out_buffer=False)``. The plans are cached per
-    signature and per version of every buffer (an in-place change, a reload or a move builds a new
-    plan), and per inference mode (a plan built under ``torch.inference_mode`` holds inference
+    signature, per version of every buffer (an in-place change, a reload or a move builds a new
+    plan), per run option (``backend``, ``mode``, ``check_spikes``) and per inference mode (a plan built under ``torch.inference_mode`` holds inference
     tensors, which autograd cannot save).
     """
 
@@ -110,8 +110,10 @@ class PlannedModule(nn.Module):
             state = tuple((id(t), t._version) for t in self._buffers.values() if t is not None)
         except RuntimeError:  # inference tensors carry no version counter: no caching
             return self.inference_plan(x)
-        key = (tuple(x.shape), x.dtype, x.device, torch.is_inference_mode_enabled(),
-               getattr(self, "backend", None), state)
+        # and the run options a plan bakes in
+        key = (tuple(x.shape), x.dtype, x.device, torch.is_inference_mode_enabled(), state,
+               getattr(self, "backend", None), getattr(self, "mode", None),
+               getattr(self, "check_spikes", None))
         cache = self.__dict__.setdefault("_forward_plans", {})
         plan = cache.get(key)
         if plan is None:
