@@ -22,6 +22,7 @@ length, a JSON header listing every tensor's dtype, shape and byte range, then t
              "mode": "weights", "bias": false}},
             ...]},
         "tensors": {"0.weight": {"dtype": "float32", "shape": [16, 1, 3, 3]}, ...},
+        "input_shape": [1, 28, 28],
         "payload_sha256": "<hex>",
         "manifest_sha256": "<hex>"
       }
@@ -31,6 +32,8 @@ length, a JSON header listing every tensor's dtype, shape and byte range, then t
   ``Sequential`` (nesting), ``Linear``, ``Conv2d``, ``PackedBinaryLinear``,
   ``PackedBinaryConv2d``, ``ReLU``, ``Hardtanh``, ``Identity``, ``MaxPool2d``, ``AvgPool2d``,
   ``Flatten``, ``Dropout``, ``BatchNorm1d``, ``BatchNorm2d``.
+* ``input_shape`` (optional; :func:`save_packed`'s ``input_shape``): the shape of one input sample,
+  without the batch dimension, so that :mod:`kdengine.infer` can say which input the model expects.
 * ``payload_sha256``: sha256 over the tensors in sorted name order, each contributing
   ``name \\0 dtype \\0 shape-as-JSON \\0 raw little-endian bytes``.
   ``manifest_sha256``: sha256 of the manifest without its two hash fields, as canonical JSON
@@ -67,7 +70,7 @@ FORMAT_NAME = "kdengine.packed"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "kdengine_manifest"
 
-__all__ = ["save_packed", "load_packed", "read_manifest", "FORMAT_VERSION", "FORMAT_NAME"]
+__all__ = ["save_packed", "load_packed", "load_packed_with_manifest", "read_manifest", "FORMAT_VERSION", "FORMAT_NAME"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -392,9 +395,27 @@ def _check_padding_bits(model: nn.Module) -> None:
                     )
 
 
-def save_packed(model: nn.Module, path: PathLike) -> dict:
+MAX_INPUT_DIMS = 8
+
+
+def check_input_shape(shape: Any, where: str) -> list[int]:
+    """``shape`` (one sample's shape, no batch dimension) as a list of 1 to 8 positive ints."""
+    if (not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= MAX_INPUT_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d < 2**31 for d in shape)):
+        raise ValueError(
+            f"{where}: input_shape must be 1 to {MAX_INPUT_DIMS} positive ints (one sample, no batch "
+            f"dimension), got {shape!r}"
+        )
+    return [int(d) for d in shape]
+
+
+def save_packed(model: nn.Module, path: PathLike, *, input_shape: Any = None) -> dict:
     """Write ``model`` (a packed inference model, e.g. from :func:`kdengine.nn.pack_model`) to
     ``path`` as one safetensors file with the manifest in its metadata. Returns the manifest.
+
+    ``input_shape``: the shape of one input sample without the batch dimension (e.g.
+    ``(1, 28, 28)``), recorded so that :mod:`kdengine.infer` names the expected shape when an
+    input does not fit; None records nothing.
 
     The model must be built from the supported layer types (nested ``nn.Sequential`` and the
     types listed in the module docstring); anything else is a TypeError naming the module. The
@@ -404,6 +425,8 @@ def save_packed(model: nn.Module, path: PathLike) -> dict:
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if input_shape is not None:
+        input_shape = check_input_shape(input_shape, "save_packed")
     tree = _describe(model, "")
     _check_padding_bits(model)
     state = model.state_dict()
@@ -422,6 +445,8 @@ def save_packed(model: nn.Module, path: PathLike) -> dict:
         "model": tree,
         "tensors": {n: {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for n, t in tensors.items()},
     }
+    if input_shape is not None:
+        manifest["input_shape"] = input_shape
     return write_sealed_safetensors(path, tensors, manifest, format_name=FORMAT_NAME,
                                     manifest_key=MANIFEST_KEY)
 
@@ -517,6 +542,8 @@ def _manifest_from_header(header: dict, where: str) -> dict:
         raise ValueError(f"{where}: manifest hash mismatch: the manifest was altered or corrupted")
     if not isinstance(manifest.get("tensors"), dict) or "model" not in manifest:
         raise ValueError(f"{where}: manifest lacks 'model' or 'tensors'")
+    if manifest.get("input_shape") is not None:
+        check_input_shape(manifest["input_shape"], where)
     return manifest
 
 
@@ -547,7 +574,14 @@ def _match_state(model: nn.Module, tensors: dict[str, Tensor], what: str) -> Non
 
 
 def load_packed(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.Module:
-    """Load a model written by :func:`save_packed`; returns it in eval mode on ``device``.
+    """Load a model written by :func:`save_packed`; returns it in eval mode on ``device``
+    (:func:`load_packed_with_manifest` also returns the checked manifest)."""
+    return load_packed_with_manifest(path, device)[0]
+
+
+def load_packed_with_manifest(path: PathLike, device: Union[str, torch.device] = "cpu") -> tuple[nn.Module, dict]:
+    """``(model, manifest)`` of a file written by :func:`save_packed`; the model in eval mode on
+    ``device``.
 
     The architecture is rebuilt from the manifest (a fixed set of layer types; nothing from the
     file is executed, nothing is unpickled). Any inconsistency — truncated file, altered byte,
@@ -616,4 +650,4 @@ def load_packed(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.
     for m in model.modules():
         if isinstance(m, (PackedBinaryLinear, PackedBinaryConv2d)):
             m.prepare()
-    return model
+    return model, manifest

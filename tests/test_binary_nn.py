@@ -19,6 +19,7 @@ from kdengine.nn import (
     sign_ste,
     state_nbytes,
 )
+from kdengine.ops.binary import binary_conv2d, pack_signs
 
 
 def _sign(x: torch.Tensor) -> torch.Tensor:
@@ -312,6 +313,154 @@ def test_packed_layer_input_errors():
         PackedBinaryLinear.from_binary(nn.Linear(2, 2))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="nn.Module"):
         pack_model(3)  # type: ignore[arg-type]
+
+
+def _random_packed_conv(c, o, k, stride, padding, dilation, mode="both"):
+    layer = PackedBinaryConv2d(c, o, k, stride, padding, dilation, True, mode)
+    kk = layer.kernel_size
+    with torch.no_grad():
+        layer.weight_bits.copy_(pack_signs(torch.randn(o, c * kk[0] * kk[1])).bits)
+        layer.scale.copy_(torch.rand(o) + 0.1)
+        layer.bias.copy_(torch.randn(o))
+    return layer
+
+
+@pytest.mark.parametrize("c,o,k,stride,padding,dilation,h,w", [
+    (3, 5, 3, 1, 1, 1, 7, 6),
+    (40, 7, 3, 2, 2, 2, 11, 9),          # C > 32: two words per pixel; padding on every border
+    (33, 4, (2, 3), (1, 2), (0, 1), 1, 6, 7),
+    (1, 3, 5, 1, 2, 1, 5, 5),            # every border tap of the corner outputs is padding
+    (8, 6, 3, 1, 0, 1, 5, 5),            # no padding: only the channel-padding shift
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_packed_conv_forward_equals_binary_conv2d_op(seed, c, o, k, stride, padding, dilation, h, w, dtype):
+    """The layer's channel-word plan (weights repacked and border correction computed by the
+    layer) gives exactly what the public op gives, on the auto backend and on the reference."""
+    layer = _random_packed_conv(c, o, k, stride, padding, dilation)
+    x = torch.randn(2, c, h, w, dtype=dtype)
+    args = (layer.packed_weight, k, layer.scale, layer.bias, stride, padding, dilation)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == binary_conv2d(x, *args).shape
+    assert torch.equal(y, binary_conv2d(x, *args))
+    assert torch.equal(y, binary_conv2d(x, *args, backend="reference"))
+    # the forward is the layer's plan: the same numbers from inference_plan(x).run
+    plan = layer.inference_plan(x)
+    assert plan.out_shape == tuple(y.shape)
+    assert torch.equal(plan.run(x), y)
+
+
+def test_packed_forward_plans_follow_the_weights(seed):
+    layer = _random_packed_conv(4, 3, 3, 1, 1, 1)
+    x = torch.randn(1, 4, 6, 6)
+    y0 = layer(x)
+    with torch.no_grad():
+        layer.scale.mul_(2.0)
+    y1 = layer(x)
+    assert not torch.equal(y1, y0)
+    assert torch.equal(y1, binary_conv2d(x, layer.packed_weight, 3, layer.scale, layer.bias, 1, 1, 1))
+    other = _random_packed_conv(4, 3, 3, 1, 1, 1)
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer(x), other(x))
+
+
+def test_copied_layer_builds_its_own_plans(seed, tmp_path):
+    """Plans hold the layer's tensors: a deep copy (what pack_model makes) or a reload must not run
+    the original's plans."""
+    import copy
+
+    layer = _random_packed_conv(3, 4, 3, 1, 1, 1)
+    x = torch.randn(2, 3, 5, 5)
+    y = layer(x)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.bias.add_(1.0)
+    assert torch.equal(layer(x), y)
+    assert torch.equal(twin(x), binary_conv2d(x, twin.packed_weight, 3, twin.scale, twin.bias, 1, 1, 1))
+    assert not torch.equal(twin(x), y)
+    torch.save(layer, tmp_path / "l.pt")
+    assert torch.equal(torch.load(tmp_path / "l.pt", weights_only=False)(x), y)
+
+
+def test_packed_forward_gradients(seed):
+    """mode "both" runs the inference-only popcount kernels: no graph, and torch.func gradient
+    transforms refuse (they would silently give zeros); mode "weights" is a float matmul with the
+    input's gradient."""
+    from kdengine.snn import SpikingBinaryLinear
+
+    for layer, x in ((pack_model(BinaryLinear(40, 5, mode="both")), torch.randn(3, 40)),
+                     (_random_packed_conv(3, 4, 3, 1, 1, 1), torch.randn(2, 3, 6, 6)),
+                     (SpikingBinaryLinear(8, 3), torch.ones(2, 1, 8))):
+        assert not layer(x.clone().requires_grad_()).requires_grad
+        with pytest.raises(RuntimeError, match="torch.func"):
+            torch.func.grad(lambda t: layer(t).sum())(x)
+    lin = BinaryLinear(40, 5, mode="weights")
+    packed = pack_model(lin)
+    x = torch.randn(3, 40, requires_grad=True)
+    (g,) = torch.autograd.grad(packed(x).sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(lin(x2).sum(), x2)
+    assert torch.equal(g, g_ref)
+
+
+def test_constructor_argument_orders_follow_torch():
+    """Every linear layer takes (in_features, out_features, bias, ...) and every conv
+    (in_channels, out_channels, kernel_size, stride, padding, dilation, bias, ...): torch's order
+    (nn.Conv2d has groups before bias; these layers have no groups)."""
+    import inspect
+
+    from kdengine.snn import SpikingBinaryConv2d, SpikingBinaryLinear
+
+    def lead(cls, n):
+        return list(inspect.signature(cls).parameters)[:n]
+
+    lin = ["in_features", "out_features", "bias"]
+    conv = ["in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "bias"]
+    assert lead(nn.Linear, 3) == lin
+    assert [p for p in lead(nn.Conv2d, 8) if p != "groups"] == conv
+    for cls in (BinaryLinear, PackedBinaryLinear, SpikingBinaryLinear):
+        assert lead(cls, 3) == lin, cls
+    for cls in (BinaryConv2d, PackedBinaryConv2d, SpikingBinaryConv2d):
+        assert lead(cls, 7) == conv, cls
+    # binary and packed layers: mode right after bias, so positional calls mean the same thing
+    assert lead(BinaryLinear, 4)[3] == lead(PackedBinaryLinear, 4)[3] == "mode"
+    assert lead(BinaryConv2d, 8)[7] == lead(PackedBinaryConv2d, 8)[7] == "mode"
+    p = PackedBinaryConv2d(2, 3, 3, 2, 1, 1, True, "both")
+    assert (p.stride, p.padding, p.bias is not None, p.mode) == ((2, 2), (1, 1), True, "both")
+
+
+@pytest.mark.parametrize("first", ["kdengine.nn", "kdengine.snn"])
+def test_nn_and_snn_import_without_a_cycle(first):
+    """kdengine.snn builds on kdengine.nn, never the other way: importing kdengine.nn alone does
+    not import kdengine.snn, either package imports first in a fresh interpreter, and the spiking
+    layers that kdengine.nn names resolve to kdengine.snn's."""
+    import ast
+    import pathlib
+    import subprocess
+    import sys
+
+    import kdengine.nn as knn
+
+    code = (
+        "import importlib, sys\n"
+        f"importlib.import_module({first!r})\n"
+        "print('kdengine.snn' in sys.modules)\n"
+        "import kdengine.nn, kdengine.snn\n"
+        "assert kdengine.nn.IFNeuron is kdengine.snn.IFNeuron\n"
+        "assert kdengine.nn.MultiStep is kdengine.snn.MultiStep\n"
+        "assert kdengine.nn.IntegrateOutput is kdengine.snn.IntegrateOutput\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(first == "kdengine.snn")
+    # no module of kdengine.nn imports kdengine.snn at module level
+    for path in pathlib.Path(knn.__file__).parent.glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.startswith("kdengine.snn") for n in names), (path.name, names)
 
 
 # --------------------------------------------------------------------------- the MNIST experiment

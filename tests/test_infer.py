@@ -125,6 +125,59 @@ def test_plans_cached_per_shape_and_bounded(saved_conv):
     assert len(im._plans) == 0
 
 
+def test_binary_layer_steps_are_the_layers_own_plans(saved_conv):
+    """The runtime's step for a packed layer is the layer's inference_plan, the code its forward
+    runs: the same kind, and on the layer's input the same output as the layer."""
+    from kdengine.nn import PackedBinaryConv2d, PackedBinaryLinear
+
+    model, path = saved_conv
+    im = load(path)
+    x = torch.randn(3, 1, 16, 16)
+    steps = {st["layer"]: st for st in im.plan_summary(x)["steps"]}
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda m, a, y, n=n: inputs.__setitem__(n, (a[0], y)))
+             for n, m in model.named_modules() if isinstance(m, (PackedBinaryLinear, PackedBinaryConv2d))]
+    _eager(model, x)
+    for h in hooks:
+        h.remove()
+    assert len(inputs) == 4  # c1, c2, tail.f0, tail.f1
+    for name, (xi, yi) in inputs.items():
+        m = model.get_submodule(name)
+        plan = m.inference_plan(xi, out_buffer=True)
+        assert steps[name]["step"] == plan.kind
+        assert steps[name]["out_shape"] == plan.out_shape == tuple(yi.shape)
+        assert torch.equal(plan.run(xi), yi)
+
+
+def test_spiking_binary_layers_run_their_plans_bitwise(seed):
+    """A spiking binary net (T, B, ...) through the runtime equals its eager forward bit for bit,
+    each binary step being the layer's plan."""
+    from kdengine.snn import IFNeuron, MultiStep, SpikingBinaryConv2d, SpikingBinaryLinear
+
+    def pm1(*shape):
+        return torch.randint(0, 2, shape).float() * 2 - 1
+
+    net = nn.Sequential(
+        MultiStep(nn.Conv2d(1, 6, 3, padding=1)), IFNeuron(0.5),
+        SpikingBinaryConv2d.from_signs(pm1(8, 6, 3, 3), torch.rand(8), torch.randn(8), 2, 1),
+        IFNeuron(0.7), MultiStep(nn.Flatten()),
+        SpikingBinaryLinear.from_signs(pm1(5, 8 * 4 * 4), torch.rand(5), torch.randn(5)),
+    ).eval()
+    x = torch.rand(4, 2, 1, 8, 8)
+    with torch.no_grad():
+        ref = net(x)
+    for m in net:
+        if isinstance(m, IFNeuron):
+            m.reset()
+    im = InferenceModel(net)
+    kinds = [st["step"] for st in im.plan_summary(x)["steps"]]
+    assert sum("and-popcount" in k for k in kinds) == 2
+    for m in net:
+        if isinstance(m, IFNeuron):
+            m.reset()
+    assert torch.equal(im.predict(x), ref)
+
+
 def test_plan_summary_preallocated_buffers(tmp_path):
     model = mlp_model(hidden=48)
     path = tmp_path / "mlp.safetensors"
@@ -153,8 +206,12 @@ def test_weights_mode_preallocates_binary_linear_output(tmp_path):
 def test_bad_inputs_raise_specific_errors(saved_conv):
     model, path = saved_conv
     im = load(path)
-    with pytest.raises(ValueError, match="layer"):
+    with pytest.raises(ValueError, match=r"^input has shape \(2, 3, 16, 16\); the model expects \(N, 1, H, W\)$"):
         im.predict(torch.randn(2, 3, 16, 16))  # 3 channels, the model takes 1
+    with pytest.raises(ValueError, match=r"input has shape \(1, 16, 16\); the model expects \(N, 1, H, W\)"):
+        im.predict(torch.randn(1, 16, 16))  # no batch dimension: predict takes batches
+    with pytest.raises(ValueError, match="layer"):
+        im.predict(torch.randn(2, 1, 3, 3))  # the channels fit, the size does not: the layer says
     with pytest.raises(TypeError, match="floating"):
         im.predict(torch.ones(2, 1, 16, 16, dtype=torch.int64))
     with pytest.raises(TypeError, match="torch.Tensor"):
@@ -247,6 +304,49 @@ def test_adapt_input(tmp_path):
     assert lin.adapt_input(torch.zeros(784)).shape == (1, 784)
 
 
+def test_wrong_input_shape_names_the_expected_shape(tmp_path):
+    """A file saved with input_shape names the full expected shape; without it, what the first
+    layer fixes. The CLI's single-sample form is accepted and named too."""
+    path = tmp_path / "c.safetensors"
+    model = conv_model("both")
+    save_packed(model, path, input_shape=(1, 16, 16))
+    im = load(path)
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(im.predict(x), _eager(model, x))
+    with pytest.raises(ValueError) as e:
+        im.predict(torch.randn(2, 1, 28, 28))
+    assert str(e.value) == "input has shape (2, 1, 28, 28); the model expects (N, 1, 16, 16)"
+    with pytest.raises(ValueError) as e:
+        im.adapt_input(torch.randn(5, 3, 16))
+    assert str(e.value) == ("input has shape (5, 3, 16); the model expects (N, 1, 16, 16) or "
+                            "(1, 16, 16)")
+    assert im.adapt_input(torch.randn(1, 16, 16)).shape == (1, 1, 16, 16)
+    # no recorded shape, first layer linear after a flatten: the number of values per sample
+    lin = InferenceModel(mlp_model(hidden=16))
+    with pytest.raises(ValueError) as e:
+        lin.predict(torch.randn(3, 1, 20, 20))
+    assert str(e.value) == ("input has shape (3, 1, 20, 20); the model expects (N, 784), or (N, ...) "
+                            "with 784 values per sample")
+    assert lin.predict(torch.randn(3, 784)).shape == (3, 10)
+    assert lin.adapt_input(torch.randn(28, 28)).shape == (1, 28, 28)
+    plain = InferenceModel(nn.Sequential(nn.Linear(12, 3)))
+    with pytest.raises(ValueError, match=r"expects \(N, 12\) or \(12,\)$"):
+        plain.adapt_input(torch.randn(4, 13))
+
+
+def test_saved_input_shape_is_checked(tmp_path):
+    model = conv_model("weights")
+    for bad in ((), (0, 16), (1.5, 2), [True], "16", (1,) * 9):
+        with pytest.raises(ValueError, match="input_shape"):
+            save_packed(model, tmp_path / "bad.safetensors", input_shape=bad)
+    from kdengine.serialize import read_manifest
+
+    save_packed(model, tmp_path / "ok.safetensors", input_shape=[1, 16, 16])
+    assert read_manifest(tmp_path / "ok.safetensors")["input_shape"] == [1, 16, 16]
+    save_packed(model, tmp_path / "none.safetensors")
+    assert "input_shape" not in read_manifest(tmp_path / "none.safetensors")
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -294,6 +394,39 @@ def test_cli_text_npy_and_safetensors(mlp_file, tmp_path, capsys):
     assert out["correct"] == int((pred == y).sum())
 
 
+def test_cli_wrong_shape_names_the_expected_shape(tmp_path, capsys):
+    """The command line: the error names the INPUT's shape and the model's, exit status 2."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "c.safetensors"
+    save_packed(conv_model("both"), path, input_shape=(1, 16, 16))
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((5, 3, 16, 16), dtype=np.float32))
+    assert infer_main([str(path), str(wrong)]) == 2
+    assert capsys.readouterr().err == ("kdengine infer: error: input has shape (5, 3, 16, 16); the model "
+                                       "expects (N, 1, 16, 16) or (1, 16, 16)\n")
+    ok = tmp_path / "ok.npy"
+    np.save(ok, np.zeros((5, 16, 16), dtype=np.float32))  # grey images without a channel dimension
+    assert infer_main([str(path), str(ok), "--repeat", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 5
+    code = "import sys; from kdengine.cli import main; sys.exit(main(sys.argv[1:]))"
+    out = subprocess.run([sys.executable, "-c", code, "infer", str(path), str(wrong)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "error: input has shape (5, 3, 16, 16); the model expects (N, 1, 16, 16)" in out.stderr
+
+
+def test_cli_every_argument_has_help():
+    from kdengine.infer.runtime import infer_parser
+
+    actions = [a for a in infer_parser()._actions if a.dest != "help"]
+    assert {a.dest for a in actions} >= {"model", "input", "batch", "json", "repeat", "threads",
+                                         "backend", "max_input_mb", "show"}
+    for a in actions:
+        assert a.help and len(a.help) > 10, a.dest
+
+
 def test_cli_errors(mlp_file, tmp_path, capsys):
     _, path = mlp_file
     obj = tmp_path / "obj.npy"
@@ -308,5 +441,6 @@ def test_cli_errors(mlp_file, tmp_path, capsys):
     np.save(wrong, np.zeros((2, 5, 5), dtype=np.float32))
     assert infer_main([str(path), str(wrong)]) == 2
     err = capsys.readouterr().err
-    assert "kdengine infer: error:" in err
+    assert err.strip().endswith("kdengine infer: error: input has shape (2, 5, 5); the model expects "
+                                "(N, 784), or (N, ...) with 784 values per sample, or (784,)")
     assert infer_main([str(path), "mnist:test:2", "--batch", "0"]) == 2

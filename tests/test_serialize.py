@@ -289,3 +289,28 @@ def test_loaded_conv_layer_type(saved):
     _, path = saved
     loaded = load_packed(path)
     assert isinstance(loaded[5], PackedBinaryConv2d) and loaded[5].dilation == (1, 2)
+
+
+@pytest.mark.parametrize("bad", [[0, 28], [1e300], "28", [[1]], list(range(1, 11)), {"h": 1}])
+def test_forged_input_shape_is_rejected(saved, bad):
+    """A consistent forgery (hash recomputed) with an input_shape that is not 1 to 8 positive ints
+    is a ValueError naming the file, not a crash later in the runtime."""
+    _, path = saved
+    _rewrite(path, lambda m, t: m.__setitem__("input_shape", bad))
+    with pytest.raises(ValueError, match="input_shape") as ei:
+        load_packed(path)
+    assert str(path) in str(ei.value)
+
+
+def test_input_shape_round_trip(tmp_path):
+    from kdengine.serialize import load_packed_with_manifest
+
+    model = _packed_model()
+    path = tmp_path / "m.safetensors"
+    manifest = save_packed(model, path, input_shape=(2, 11, 10))
+    assert manifest["input_shape"] == [2, 11, 10]
+    loaded, m = load_packed_with_manifest(path)
+    assert m["input_shape"] == [2, 11, 10]
+    x = torch.randn(3, 2, 11, 10)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

@@ -36,7 +36,7 @@ def pack_and_load(student: nn.Module, x_test: Tensor, y_test: Tensor, out_dir: s
     student.eval()
     trained = torch.cat([student(x_test[i:i + 1000]) for i in range(0, len(x_test), 1000)])
     path = os.path.join(out_dir, MODEL_FILE)
-    save_packed(pack_model(student), path)
+    save_packed(pack_model(student), path, input_shape=tuple(x_test.shape[1:]))
     manifest = read_manifest(path)
     im = load(path)
     logits = im.predict(x_test)

@@ -10,19 +10,16 @@ The first call with a new input signature ``(shape, dtype, device)`` flattens th
 *plan*: one Python closure per leaf that does only the work that depends on the data. Everything
 that depends only on the weights and the input shape is done once, when the plan is built:
 
-* binary layers, ``mode="both"`` (the XNOR-popcount path): the backend is resolved once
-  (:mod:`kdengine._dispatch`), and the registered kernel is called directly with the packed
-  ``weight_bits`` and ``scale``/``bias`` already contiguous in the compute dtype, skipping the
-  argument checks of the public ops (done once at plan time); for
-  :class:`~kdengine.nn.PackedBinaryConv2d` the weights repacked to the channel-word order of the
-  im2col GEMM, the conv geometry and the zero-padding border correction (+ channel-padding
-  shift) are computed once per input shape, where :func:`kdengine.ops.binary_conv2d` recomputes
-  them on every call;
-* binary layers, ``mode="weights"``: the unpacked +-1 weights (cached by the layer) and
-  ``scale``/``bias`` converted to the input dtype;
+* packed and spiking binary layers (:class:`~kdengine.nn.PackedBinaryLinear`,
+  :class:`~kdengine.nn.PackedBinaryConv2d`, :mod:`kdengine.snn.binary`): the step is the layer's
+  own plan, ``layer.inference_plan(x, out_buffer=True)`` (:mod:`kdengine.nn.plan`), the code the
+  layer's ``forward`` runs too: backend resolved once, the packed weights, scale and bias ready in
+  the compute dtype, for a binary conv the weights repacked to the channel-word order of the
+  im2col GEMM and the zero-padding border correction computed once per input shape, the conv
+  output handed on channels-last (no transpose copy);
 * ``nn.Linear`` and ``mode="weights"`` binary linear layers write into an output buffer
   preallocated per plan (``torch.addmm(..., out=)`` / ``torch.mm(..., out=)``; the scale and bias
-  of a binary layer are applied in place on that buffer);
+  of a binary layer are applied in place on that buffer: ``out_buffer=True``);
 * ``nn.ReLU`` / ``nn.Hardtanh`` run in place when their input is a tensor the plan owns (a
   preallocated buffer or a fresh layer output, never the caller's input);
 * ``nn.Flatten`` is a view; ``nn.Identity`` and ``nn.Dropout`` (eval) are dropped from the plan;
@@ -41,12 +38,12 @@ Plans hold buffers, so one :class:`InferenceModel` runs one call at a time (a lo
 concurrent callers). Changing the module's weights after a plan was built needs :meth:`reset`.
 Up to :data:`MAX_PLANS` input signatures are cached (least recently used is dropped).
 
-Spiking models: leaf types the runtime does not know run through their own ``forward`` (a
-generic step), so a future spiking layer type that :mod:`kdengine.serialize` learns to load
-runs unchanged, just without a specialised plan step.
+Leaf types without a plan that the runtime does not know run through their own ``forward`` (a
+generic step).
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import threading
@@ -63,6 +60,7 @@ from torch import Tensor, nn
 
 from kdengine import _dispatch
 from kdengine.nn.packed import PackedBinaryConv2d, PackedBinaryLinear
+from kdengine.nn.plan import PlannedModule
 
 __all__ = ["InferenceModel", "LatencyStats", "load", "MAX_PLANS"]
 
@@ -145,21 +143,6 @@ class _Built:
         self.prealloc, self.precomputed = prealloc, precomputed
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _vec(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.detach().to(dtype).contiguous()
-
-
-def _resolve(op: str, m: nn.Module, x: Tensor) -> str:
-    try:
-        return _dispatch.resolve(op, x.device, getattr(m, "backend", None))
-    except RuntimeError as exc:  # the requested backend cannot run here: say so as a ValueError
-        raise ValueError(str(exc)) from None
-
-
 def _step_linear(m: nn.Linear, x: Tensor) -> _Built:
     if x.dim() != 2 or x.shape[1] != m.in_features or x.dtype != m.weight.dtype:
         return _step_generic(m, x, owned_out=True)
@@ -178,90 +161,11 @@ def _step_linear(m: nn.Linear, x: Tensor) -> _Built:
     return _Built(fn, fn(x), True, "linear (out= buffer)", buf.numel() * buf.element_size())
 
 
-def _step_packed_linear(m: PackedBinaryLinear, x: Tensor) -> _Built:
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"input of {m.__class__.__name__} must be floating, got dtype {x.dtype}")
-    if x.shape[-1] != m.in_features:
-        raise ValueError(f"x must have shape (..., {m.in_features}), got {tuple(x.shape)}")
-    k, n = m.in_features, m.out_features
-    if m.mode == "both":
-        impl = _dispatch.implementation("binary_linear", _resolve("binary_linear", m, x))
-        bits = m.weight_bits.contiguous()
-        ct = _compute_dtype(x.dtype)
-        sc, bi = _vec(m.scale, ct), _vec(m.bias, ct)
-        lead = tuple(x.shape[:-1])
-        if x.dim() == 2:
-
-            def fn(x: Tensor) -> Tensor:
-                return impl(x if x.is_contiguous() else x.contiguous(), bits, k, sc, bi)
-        else:
-
-            def fn(x: Tensor) -> Tensor:
-                return impl(x.reshape(-1, k).contiguous(), bits, k, sc, bi).reshape(*lead, n)
-
-        return _Built(fn, fn(x), True, "binary linear, xnor-popcount kernel")
-    # mode "weights": float matmul on the unpacked +-1 weights, then * scale (+ bias) in place:
-    # the same float operations as PackedBinaryLinear.forward (F.linear without bias is mm).
-    if x.dim() != 2:
-        return _step_generic(m, x, owned_out=True)
-    dense_t = m._dense_pm1(x.dtype).t()
-    scale = m.scale.to(x.dtype)
-    bias = None if m.bias is None else m.bias.to(x.dtype)
-    buf = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-
-    def fn(x: Tensor) -> Tensor:
-        y = torch.mm(x, dense_t, out=buf).mul_(scale)
-        return y if bias is None else y.add_(bias)
-
-    return _Built(fn, fn(x), True, "binary-weight linear (unpacked +-1, out= buffer)",
-                  buf.numel() * buf.element_size())
-
-
-def _step_packed_conv(m: PackedBinaryConv2d, x: Tensor) -> _Built:
-    from kdengine.ops import binary as bops
-
-    if x.dim() != 4 or x.shape[1] != m.in_channels:
-        raise ValueError(f"x must have shape (N, {m.in_channels}, H, W), got {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"input of {m.__class__.__name__} must be floating, got dtype {x.dtype}")
-    if m.mode == "weights":
-        w = m._dense_pm1(x.dtype).view(m.out_channels, m.in_channels, *m.kernel_size)
-        scale = m.scale.to(x.dtype).view(1, -1, 1, 1)
-        bias = None if m.bias is None else m.bias.to(x.dtype).view(1, -1, 1, 1)
-        stride, padding, dilation = m.stride, m.padding, m.dilation
-
-        def fn(x: Tensor) -> Tensor:
-            y = F.conv2d(x, w, None, stride, padding, dilation).mul_(scale)
-            return y if bias is None else y.add_(bias)
-
-        return _Built(fn, fn(x), True, "binary-weight conv (unpacked +-1)")
-    backend = _resolve("binary_conv2d", m, x)
-    geo = bops.ConvGeometry(*x.shape, kernel=m.kernel_size, stride=m.stride, padding=m.padding,
-                            dilation=m.dilation)
-    oh, ow = geo.out_hw
-    if oh < 1 or ow < 1:
-        raise ValueError(f"the kernel {m.kernel_size} does not fit the input {tuple(x.shape[2:])}")
-    bits = m.weight_bits.contiguous()
-    ct = _compute_dtype(x.dtype)
-    sc, bi = _vec(m.scale, ct), _vec(m.bias, ct)
-    if backend not in ("cpu", "triton", "cuda"):
-        impl = _dispatch.implementation("binary_conv2d", backend)
-
-        def fn(x: Tensor) -> Tensor:
-            return impl(x, bits, geo, sc, bi)
-
-        return _Built(fn, fn(x), True, f"binary conv ({backend} kernel)")
-    # Weight repacking and border correction once (ConvPlan); the output is handed on as a
-    # channels_last view (no transpose copy): the pooling / BN that follow run faster on it, and
-    # the next binary conv packs each pixel's channels from contiguous memory.
-    with torch.no_grad():
-        plan = bops.ConvPlan(bits, geo, backend)
-
-    def fn(x: Tensor) -> Tensor:
-        return plan.run(x, sc, bi, channels_last_out=True)
-
-    return _Built(fn, fn(x), True, "binary conv, xnor-popcount GEMM (weights repacked once)",
-                  precomputed=plan.nbytes)
+def _step_layer_plan(m: nn.Module, x: Tensor) -> _Built:
+    """A layer with its own plan (packed and spiking binary layers): the step is its
+    :attr:`~kdengine.nn.LayerPlan.run`, the code its ``forward`` runs too."""
+    plan = m.inference_plan(x, out_buffer=True)
+    return _Built(plan.run, plan.run(x), True, plan.kind, plan.prealloc_bytes, plan.precomputed_bytes)
 
 
 def _step_bn(m: nn.modules.batchnorm._BatchNorm, x: Tensor) -> _Built:
@@ -309,10 +213,8 @@ def _make_step(m: nn.Module, x: Tensor, owned: bool) -> _Built:
         return _Built(fn, fn(x), owned, "flatten (view)")
     if t is nn.Linear:
         return _step_linear(m, x)
-    if t is PackedBinaryLinear:
-        return _step_packed_linear(m, x)
-    if t is PackedBinaryConv2d:
-        return _step_packed_conv(m, x)
+    if isinstance(m, PlannedModule):
+        return _step_layer_plan(m, x)
     if t in (nn.BatchNorm1d, nn.BatchNorm2d):
         return _step_bn(m, x)
     if t in (nn.ReLU, nn.Hardtanh):
@@ -364,6 +266,33 @@ def _build_plan(module: nn.Module, x: Tensor) -> tuple[_Plan, Tensor]:
 # --------------------------------------------------------------------------- model
 
 
+_SHAPE_KEEPING = (nn.Identity, nn.Dropout, nn.ReLU, nn.Hardtanh)
+
+
+def _input_spec(leaves: list[nn.Module]) -> tuple[Optional[tuple], Optional[int]]:
+    """What the first shape-bound layer says about one input sample: ``(dims, None)`` with None
+    for a free size (a conv's ``(C, None, None)``, a linear layer's ``(F,)``), ``(None, F)`` for
+    ``F`` values per sample flattened first, ``(None, None)`` when nothing is known."""
+    flat = False
+    for m in leaves:
+        if isinstance(m, _SHAPE_KEEPING):
+            continue
+        if type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1 and not flat:
+            flat = True
+            continue
+        if isinstance(m, (nn.Conv2d, PackedBinaryConv2d)) and not flat:
+            return (m.in_channels, None, None), None
+        if isinstance(m, nn.BatchNorm2d) and not flat:
+            return (m.num_features, None, None), None
+        n = getattr(m, "in_features", None) if isinstance(m, (nn.Linear, PackedBinaryLinear)) else None
+        if n is None and flat and isinstance(m, nn.BatchNorm1d):
+            n = m.num_features
+        if n is not None:
+            return (None, n) if flat else ((n,), None)
+        break
+    return None, None
+
+
 class InferenceModel:
     """A packed model ready to run: :meth:`predict`, :meth:`latency`, :meth:`plan_summary`.
 
@@ -371,9 +300,13 @@ class InferenceModel:
         module: the model (e.g. from :func:`kdengine.serialize.load_packed`); put in eval mode,
             ``requires_grad`` turned off. Packed binary layers run the packed kernels.
         path: the file it came from (informational).
+        input_shape: the shape of one sample without the batch dimension (recorded by
+            :func:`kdengine.serialize.save_packed`); without it the expected shape comes from the
+            first layer (a conv's channels, a linear layer's features).
     """
 
-    def __init__(self, module: nn.Module, path: Optional[str] = None) -> None:
+    def __init__(self, module: nn.Module, path: Optional[str] = None,
+                 input_shape: Optional[tuple[int, ...]] = None) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         self.module = module.eval()
@@ -386,8 +319,37 @@ class InferenceModel:
         if first is None:
             first = next(iter(self.module.buffers()), None)
         self.device = first.device if first is not None else torch.device("cpu")
+        if input_shape is not None:
+            self._sample, self._sample_values = tuple(int(d) for d in input_shape), None
+        else:
+            self._sample, self._sample_values = _input_spec([m for _, m in _leaves(self.module)])
 
     # -- inputs
+
+    def expected_input(self, single: bool = False) -> Optional[str]:
+        """The input shapes the model takes, in words (``"(N, 1, H, W)"``; with ``single``, also
+        one sample without the batch dimension); None when the first layer does not tell."""
+        if self._sample is not None:
+            names = ("C", "H", "W") if len(self._sample) == 3 else ("?",) * len(self._sample)
+            dims = ", ".join(str(d) if d is not None else names[i] for i, d in enumerate(self._sample))
+            one = f"({dims},)" if len(self._sample) == 1 else f"({dims})"
+            return f"(N, {dims})" + (f" or {one}" if single else "")
+        if self._sample_values is not None:
+            f = self._sample_values
+            return f"(N, {f}), or (N, ...) with {f} values per sample" + (f", or ({f},)" if single else "")
+        return None
+
+    def _check_shape(self, x: Tensor, shown: tuple[int, ...], single: bool = False) -> None:
+        """ValueError naming the expected shapes unless ``x`` (batch first) fits the first layer."""
+        if self._sample is not None:
+            ok = x.dim() == len(self._sample) + 1 and all(
+                d is None or d == n for d, n in zip(self._sample, x.shape[1:]))
+        elif self._sample_values is not None:
+            ok = x.dim() >= 2 and math.prod(x.shape[1:]) == self._sample_values
+        else:
+            return
+        if not ok:
+            raise ValueError(f"input has shape {tuple(shown)}; the model expects {self.expected_input(single)}")
 
     def _check_input(self, x: Any) -> Tensor:
         if isinstance(x, np.ndarray):
@@ -404,21 +366,28 @@ class InferenceModel:
 
     def adapt_input(self, x: Tensor) -> Tensor:
         """Give an image batch the layout the first layer wants (used by the CLI):
-        ``(N, H, W)`` -> ``(N, 1, H, W)`` for a conv net with one input channel,
-        ``(N, ...)`` -> ``(N, F)`` for a net whose first layer is linear with ``F`` inputs."""
-        leaves = [m for _, m in _leaves(self.module)]
-        first = next((m for m in leaves if not isinstance(m, (nn.Identity, nn.Dropout))), None)
-        if isinstance(first, (nn.Conv2d, PackedBinaryConv2d)):
-            if x.dim() == 3 and first.in_channels == 1:
-                return x.unsqueeze(1)
-            if x.dim() == 2 and first.in_channels == 1:
-                return x.reshape(1, 1, *x.shape)
-        if isinstance(first, (nn.Linear, PackedBinaryLinear)):
-            n_in = first.in_features
-            if x.dim() > 2 and math.prod(x.shape[1:]) == n_in:
-                return x.reshape(x.shape[0], n_in)
-            if x.dim() == 1 and x.numel() == n_in:
-                return x.reshape(1, n_in)
+        ``(N, H, W)`` -> ``(N, 1, H, W)`` for a conv net with one input channel, one sample without
+        the batch dimension -> a batch of one, ``(N, ...)`` -> ``(N, F)`` for a net whose first
+        layer is linear with ``F`` inputs. An input that fits none of these is a ValueError that
+        names its shape and the shapes the model takes."""
+        shown = tuple(x.shape)
+        sample, values = self._sample, self._sample_values
+        if sample is not None:
+            if len(sample) == 3 and sample[0] == 1 and x.dim() == 3:
+                x = x.unsqueeze(1)  # (N, H, W) grey images
+            elif len(sample) == 3 and sample[0] == 1 and x.dim() == 2:
+                x = x.reshape(1, 1, *x.shape)
+            elif x.dim() == len(sample):
+                x = x.unsqueeze(0)
+            elif len(sample) == 1 and x.dim() > 2 and math.prod(x.shape[1:]) == sample[0]:
+                x = x.reshape(x.shape[0], sample[0])
+            elif len(sample) == 1 and x.dim() == 1 and x.numel() == sample[0]:
+                x = x.reshape(1, sample[0])
+        elif values is not None and x.dim() >= 1 and x.numel() == values and (
+                x.dim() == 1 or math.prod(x.shape[1:]) != values):
+            x = x.unsqueeze(0)  # one sample
+        if x.dim() >= 1:
+            self._check_shape(x, shown, single=True)
         return x
 
     # -- running
@@ -432,6 +401,7 @@ class InferenceModel:
         if plan is not None:
             self._plans.move_to_end(key)
             return plan, None
+        self._check_shape(x, x.shape)  # a cached plan's signature has passed it
         plan, y = _build_plan(self.module, x)
         self._plans[key] = plan
         while len(self._plans) > MAX_PLANS:
@@ -535,16 +505,16 @@ def load(path: PathLike, device: Union[str, torch.device] = "cpu", backend: Opti
     if it does not exist). ``backend`` (e.g. ``"cpu"``, ``"reference"``) forces the binary ops'
     backend; None lets the dispatcher choose.
     """
-    from kdengine.serialize import load_packed
+    from kdengine.serialize import load_packed_with_manifest
 
     if backend is not None and backend not in ("auto", *_dispatch.BACKENDS):
         raise ValueError(f"backend must be one of {_dispatch.BACKENDS} or 'auto', got {backend!r}")
-    module = load_packed(path, device=device)
+    module, manifest = load_packed_with_manifest(path, device=device)
     if backend is not None:
         for m in module.modules():
             if isinstance(m, (PackedBinaryLinear, PackedBinaryConv2d)):
                 m.backend = backend
-    return InferenceModel(module, path=os.fspath(path))
+    return InferenceModel(module, path=os.fspath(path), input_shape=manifest.get("input_shape"))
 
 
 # --------------------------------------------------------------------------- command line
@@ -661,6 +631,23 @@ def load_input(spec: str, max_input_bytes: Optional[int] = None) -> tuple[Tensor
     return x, y, f"{spec}: {x.shape[0]} images of shape {tuple(x.shape[1:])}"
 
 
+def infer_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``kdengine infer`` (every argument with its help text)."""
+    ap = argparse.ArgumentParser(prog="kdengine infer", description="Run a packed binary model.")
+    ap.add_argument("model", help="a .safetensors file written by kdengine.serialize.save_packed")
+    ap.add_argument("input", help="images: .npy / .npz / .safetensors, or mnist:test[:N] (bundled)")
+    ap.add_argument("--batch", type=int, default=1, help="batch size of the pass (default 1)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object (predictions, accuracy, latency, model info) instead of text")
+    ap.add_argument("--repeat", type=int, default=100, help="timed calls per latency figure (default 100)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--backend", default=None, choices=["auto", *_dispatch.BACKENDS],
+                    help="backend of the binary ops (default: auto)")
+    ap.add_argument("--max-input-mb", type=float, default=None,
+                    help="largest decoded INPUT accepted, in MiB (default 256)")
+    ap.add_argument("--show", type=int, default=20, help="predictions printed in text mode (default 20)")
+    return ap
+
+
 def infer_main(argv: Optional[list[str]] = None) -> int:
     """``kdengine infer MODEL INPUT [--batch N] [--json] [--repeat R] [--threads T] [--backend B]``.
 
@@ -669,23 +656,10 @@ def infer_main(argv: Optional[list[str]] = None) -> int:
     ``repeat`` timed calls at batch 1 (and at batch N when N > 1) plus the throughput of the whole
     pass. ``--json`` prints one JSON object instead. Returns the exit status (0 ok, 2 bad input).
     """
-    import argparse
     import json
     import sys
 
-    ap = argparse.ArgumentParser(prog="kdengine infer", description="Run a packed binary model.")
-    ap.add_argument("model", help="a .safetensors file written by kdengine.serialize.save_packed")
-    ap.add_argument("input", help="images: .npy / .npz / .safetensors, or mnist:test[:N] (bundled)")
-    ap.add_argument("--batch", type=int, default=1, help="batch size of the pass (default 1)")
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--repeat", type=int, default=100, help="timed calls per latency figure (default 100)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--backend", default=None, choices=["auto", *_dispatch.BACKENDS],
-                    help="backend of the binary ops (default: auto)")
-    ap.add_argument("--max-input-mb", type=float, default=None,
-                    help="largest decoded INPUT accepted, in MiB (default 256)")
-    ap.add_argument("--show", type=int, default=20, help="predictions printed in text mode (default 20)")
-    a = ap.parse_args(argv)
+    a = infer_parser().parse_args(argv)
 
     def fail(msg: str) -> int:
         print(f"kdengine infer: error: {msg}", file=sys.stderr)

@@ -6,44 +6,39 @@
   and last left in full precision); :func:`clip_latent_weights_` after each optimizer step.
 * :func:`pack_model` — inference copy with :class:`PackedBinaryLinear` /
   :class:`PackedBinaryConv2d` (1-bit weights, run by the XNOR-popcount ops); save and load it with
-  :func:`kdengine.serialize.save_packed` / :func:`kdengine.serialize.load_packed`.
+  :func:`kdengine.serialize.save_packed` / :func:`kdengine.serialize.load_packed`. Their ``forward`` and :mod:`kdengine.infer` run the
+  same :class:`LayerPlan` (``layer.inference_plan(x)``, :mod:`kdengine.nn.plan`).
+* ``IFNeuron``, ``MultiStep``, ``IntegrateOutput``: the spiking layers of :mod:`kdengine.snn.layers`.
 """
-from kdengine.nn.binary import (
-    MODES,
-    BinaryConv2d,
-    BinaryLinear,
-    SignSTE,
-    binarize_model,
-    binary_layers,
-    channel_scale,
-    clip_latent_weights_,
-    sign_ste,
-)
+from kdengine.nn import binary as _binary
+from kdengine.nn.binary import *  # noqa: F401,F403 - the names of binary.__all__
 from kdengine.nn.packed import (
     PackedBinaryConv2d,
     PackedBinaryLinear,
     pack_model,
     state_nbytes,
 )
+from kdengine.nn.plan import LayerPlan
 
-# Last: kdengine.snn imports the binary layers above (kdengine.snn.convert), so this must follow them.
-from kdengine.snn.layers import IFNeuron, IntegrateOutput, MultiStep  # noqa: E402
+# The multi-step spiking layers live in kdengine.snn, which builds on this package: they are
+# resolved on first access, so importing kdengine.nn never imports kdengine.snn (no import cycle).
+_SPIKING = ("IFNeuron", "MultiStep", "IntegrateOutput")
+
+
+def __getattr__(name: str):
+    if name in _SPIKING:
+        from kdengine.snn import layers
+
+        return getattr(layers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
-    "MODES",
-    "SignSTE",
-    "sign_ste",
-    "channel_scale",
-    "BinaryLinear",
-    "BinaryConv2d",
-    "binarize_model",
-    "binary_layers",
-    "clip_latent_weights_",
+    *_binary.__all__,
     "PackedBinaryLinear",
     "PackedBinaryConv2d",
     "pack_model",
     "state_nbytes",
-    "IFNeuron",
-    "MultiStep",
-    "IntegrateOutput",
+    "LayerPlan",
+    *_SPIKING,
 ]

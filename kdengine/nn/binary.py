@@ -107,10 +107,77 @@ def _check_mode(mode: object) -> str:
     return mode  # type: ignore[return-value]
 
 
+def _check_sizes(a_name: str, a: int, b_name: str, b: int) -> tuple[int, int]:
+    """``(a, b)`` as ints, both >= 1 (the in/out sizes of a layer)."""
+    if a < 1 or b < 1:
+        raise ValueError(f"{a_name} and {b_name} must be >= 1, got {a}, {b}")
+    return int(a), int(b)
+
+
+Pair = Union[int, tuple[int, int]]
+
+
+def _init_linear(m: nn.Module, in_features: int, out_features: int) -> None:
+    """Set and check ``in_features`` / ``out_features`` (every linear layer of nn/ and snn/)."""
+    m.in_features, m.out_features = _check_sizes("in_features", in_features, "out_features", out_features)
+
+
+def _init_conv(m: nn.Module, in_channels: int, out_channels: int, kernel_size: Pair, stride: Pair,
+               padding: Pair, dilation: Pair) -> None:
+    """Set and check the sizes and the geometry of a conv layer (every conv layer of nn/ and snn/):
+    pairs of ints, zero padding given as numbers, kernel, stride and dilation >= 1."""
+    m.in_channels, m.out_channels = _check_sizes("in_channels", in_channels, "out_channels", out_channels)
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be an int or a pair of ints, got {padding!r}")
+    geo = tuple(tuple(int(v) for v in _pair(p)) for p in (kernel_size, stride, padding, dilation))
+    for name, val, lo in zip(("kernel_size", "stride", "padding", "dilation"), geo, (1, 1, 0, 1)):
+        if min(val) < lo:
+            raise ValueError(f"{name} must be >= {lo}, got {val}")
+    m.kernel_size, m.stride, m.padding, m.dilation = geo
+
+
+def _linear_repr(m: nn.Module) -> str:
+    return f"in_features={m.in_features}, out_features={m.out_features}, bias={m.bias is not None}"
+
+
+def _conv_repr(m: nn.Module) -> str:
+    return (f"{m.in_channels}, {m.out_channels}, kernel_size={m.kernel_size}, stride={m.stride}, "
+            f"padding={m.padding}, dilation={m.dilation}, bias={m.bias is not None}")
+
+
 # --------------------------------------------------------------------------- layers
 
 
-class BinaryLinear(nn.Module):
+class _BinaryLayer(nn.Module):
+    """Latent weight and bias parameters and their initialisation, shared by the binary layers."""
+
+    def _init_params(self, weight_shape: tuple[int, ...], bias: bool, mode: str, device, dtype) -> None:
+        self.mode = _check_mode(mode)
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(*weight_shape, **kw))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(weight_shape[0], **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The initialisation of nn.Linear / nn.Conv2d; |w| <= 1/sqrt(fan_in) is well inside [-1, 1].
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.weight[0].numel())
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @torch.no_grad()
+    def _copy_from(self, layer: nn.Module) -> "_BinaryLayer":
+        """Copy ``layer``'s weight (and bias) into the latent parameters; returns ``self``."""
+        self.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            self.bias.copy_(layer.bias)
+        return self
+
+
+class BinaryLinear(_BinaryLayer):
     """Linear layer with binary weights for training.
 
     ``y = (a @ sign(W)^T) * alpha + bias`` with ``a = x`` (``mode="weights"``) or ``a = sign(x)``
@@ -119,54 +186,18 @@ class BinaryLinear(nn.Module):
     ``(out_features, in_features)``; keep it in ``[-1, 1]`` with :func:`clip_latent_weights_`.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = False,
-        mode: str = "weights",
-        device=None,
-        dtype=None,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, mode: str = "weights",
+                 device=None, dtype=None) -> None:
         super().__init__()
-        if in_features < 1 or out_features < 1:
-            raise ValueError(
-                f"in_features and out_features must be >= 1, got {in_features}, {out_features}"
-            )
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
-        self.mode = _check_mode(mode)
-        kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **kw))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # Same initialisation as nn.Linear; |w| <= 1/sqrt(fan_in) is well inside [-1, 1].
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+        _init_linear(self, in_features, out_features)
+        self._init_params((self.out_features, self.in_features), bias, mode, device, dtype)
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, mode: str = "weights") -> "BinaryLinear":
         """A binary layer whose latent weights (and bias) are copies of ``layer``'s."""
-        out = cls(
-            layer.in_features,
-            layer.out_features,
-            bias=layer.bias is not None,
-            mode=mode,
-            device=layer.weight.device,
-            dtype=layer.weight.dtype,
-        )
-        with torch.no_grad():
-            out.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                out.bias.copy_(layer.bias)
-        return out
+        out = cls(layer.in_features, layer.out_features, layer.bias is not None, mode,
+                  layer.weight.device, layer.weight.dtype)
+        return out._copy_from(layer)
 
     def forward(self, x: Tensor) -> Tensor:
         a = sign_ste(x) if self.mode == "both" else x
@@ -176,13 +207,10 @@ class BinaryLinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, mode={self.mode!r}"
-        )
+        return f"{_linear_repr(self)}, mode={self.mode!r}"
 
 
-class BinaryConv2d(nn.Module):
+class BinaryConv2d(_BinaryLayer):
     """2-d convolution with binary weights for training (``groups=1``, zero padding).
 
     ``y = conv2d(a, sign(W)) * alpha[o] + bias[o]`` with ``a = x`` (``mode="weights"``) or
@@ -191,55 +219,13 @@ class BinaryConv2d(nn.Module):
     over ``(C, kh, kw)``.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: Union[int, tuple[int, int]],
-        stride: Union[int, tuple[int, int]] = 1,
-        padding: Union[int, tuple[int, int]] = 0,
-        dilation: Union[int, tuple[int, int]] = 1,
-        bias: bool = False,
-        mode: str = "weights",
-        device=None,
-        dtype=None,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Pair, stride: Pair = 1,
+                 padding: Pair = 0, dilation: Pair = 1, bias: bool = False, mode: str = "weights",
+                 device=None, dtype=None) -> None:
         super().__init__()
-        if in_channels < 1 or out_channels < 1:
-            raise ValueError(
-                f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}"
-            )
-        if isinstance(padding, str):
-            raise ValueError(f"padding must be an int or a pair of ints, got {padding!r}")
-        self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels)
-        self.kernel_size = tuple(int(v) for v in _pair(kernel_size))
-        self.stride = tuple(int(v) for v in _pair(stride))
-        self.padding = tuple(int(v) for v in _pair(padding))
-        self.dilation = tuple(int(v) for v in _pair(dilation))
-        for name, val, lo in (
-            ("kernel_size", self.kernel_size, 1),
-            ("stride", self.stride, 1),
-            ("padding", self.padding, 0),
-            ("dilation", self.dilation, 1),
-        ):
-            if min(val) < lo:
-                raise ValueError(f"{name} must be >= {lo}, got {val}")
-        self.mode = _check_mode(mode)
-        kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **kw))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **kw))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.weight[0].numel()
-            bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(self.bias, -bound, bound)
+        _init_conv(self, in_channels, out_channels, kernel_size, stride, padding, dilation)
+        shape = (self.out_channels, self.in_channels, *self.kernel_size)
+        self._init_params(shape, bias, mode, device, dtype)
 
     @classmethod
     def from_conv(cls, layer: nn.Conv2d, mode: str = "weights") -> "BinaryConv2d":
@@ -258,23 +244,9 @@ class BinaryConv2d(nn.Module):
                 f"only integer padding can be binarized, got padding={layer.padding!r}; "
                 "give the padding as numbers"
             )
-        out = cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            bias=layer.bias is not None,
-            mode=mode,
-            device=layer.weight.device,
-            dtype=layer.weight.dtype,
-        )
-        with torch.no_grad():
-            out.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                out.bias.copy_(layer.bias)
-        return out
+        out = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                  layer.dilation, layer.bias is not None, mode, layer.weight.device, layer.weight.dtype)
+        return out._copy_from(layer)
 
     def forward(self, x: Tensor) -> Tensor:
         a = sign_ste(x) if self.mode == "both" else x
@@ -285,11 +257,7 @@ class BinaryConv2d(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-            f"bias={self.bias is not None}, mode={self.mode!r}"
-        )
+        return f"{_conv_repr(self)}, mode={self.mode!r}"
 
 
 # --------------------------------------------------------------------------- model helpers

@@ -12,17 +12,22 @@ A :class:`PackedBinaryLinear` / :class:`PackedBinaryConv2d` stores
 They are buffers (not parameters: nothing is trained any more), so ``state_dict``, ``.to()`` and
 :mod:`kdengine.serialize` see them.
 
-How each mode runs:
+How each mode runs (``forward`` runs :meth:`inference_plan`, the same plan :mod:`kdengine.infer`
+runs; :mod:`kdengine.nn.plan`):
 
-* ``mode="both"`` (binary activations): :func:`kdengine.ops.binary_linear` /
-  :func:`kdengine.ops.binary_conv2d`, i.e. the XNOR-popcount kernels; they take ``sign(x)`` of the
-  real input themselves (``x >= 0`` -> +1) and zero-pad after the sign, as the training layer does.
-  Their epilogue is the training layer's arithmetic (exact integer dot -> float32, ``* scale``,
-  ``+ bias``, two roundings), and the training layer's float convolution of +-1 values is exact
-  with the usual direct / GEMM algorithms, so outputs match the training model bit for bit in
-  practice (the tests allow float rounding, in case a convolution algorithm is not exact). One
-  difference: a NaN input raises ValueError here (a NaN has no sign bit), where the training
-  layer propagates the NaN.
+* ``mode="both"`` (binary activations): the XNOR-popcount kernels. Linear: the backend's
+  ``binary_linear`` kernel (what :func:`kdengine.ops.binary_linear` runs, argument checks done once
+  per input signature). Conv: the input's sign bits packed along channels per pixel, an im2col of
+  words (:func:`kdengine.ops.binary.channel_words`) and the XNOR GEMM, the weights repacked to the
+  same word order and the zero-padding correction computed once per input shape
+  (:class:`kdengine.nn.plan.ChannelWordConv`); equal to :func:`kdengine.ops.binary_conv2d` bit for
+  bit, returned channels-last in memory. Padding after the sign contributes 0, as in the training
+  layer. The epilogue is the training layer's arithmetic (exact integer dot -> float32,
+  ``* scale``, ``+ bias``, two roundings), and the training layer's float convolution of +-1
+  values is exact with the usual direct / GEMM algorithms, so outputs match the training model bit
+  for bit in practice (the tests allow float rounding, in case a convolution algorithm is not
+  exact). One difference: a NaN input raises ValueError here (a NaN has no sign bit), where the
+  training layer propagates the NaN.
 * ``mode="weights"`` (real activations, binary weights): the XNOR kernel does not apply, because the
   activations are not +-1. The layer unpacks its weights once into a float +-1 tensor (cached; it is
   rebuilt only if ``weight_bits`` changes, moves device or dtype) and runs a float matmul /
@@ -33,15 +38,34 @@ How each mode runs:
 from __future__ import annotations
 
 import copy
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
-from kdengine.nn.binary import BinaryConv2d, BinaryLinear, _check_mode, channel_scale
-from kdengine.ops.binary import PackedSigns, binary_conv2d, binary_linear, pack_signs
+from kdengine import _dispatch
+from kdengine.nn.binary import (
+    BinaryConv2d,
+    BinaryLinear,
+    _check_mode,
+    Pair,
+    _conv_repr,
+    _init_conv,
+    _init_linear,
+    _linear_repr,
+    channel_scale,
+)
+from kdengine.nn.plan import (
+    ChannelWordConv,
+    LayerPlan,
+    PlannedModule,
+    compute_dtype,
+    inference_only,
+    nbytes,
+    resolve_backend,
+)
+from kdengine.ops.binary import ConvGeometry, PackedSigns, pack_signs
 
 __all__ = [
     "PackedBinaryLinear",
@@ -51,14 +75,37 @@ __all__ = [
     "n_words",
 ]
 
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Backends whose binary conv is the channel-word GEMM (the reference convolves floats instead).
+GEMM_CONV_BACKENDS = ("cpu", "triton", "cuda")
+# The popcount counts are int32: the conv GEMM's K must stay below 2^31.
+K_LIMIT = 2**31
+
 
 def n_words(k: int) -> int:
     """Number of int32 words holding ``k`` sign bits."""
     return (int(k) + 31) // 32
 
 
-class _PackedBase(nn.Module):
-    """Shared buffers, the cached unpacked weight and the checks of the packed layers."""
+def _vec(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.detach().to(dtype).contiguous()
+
+
+def _check_float_input(m: nn.Module, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"input of {type(m).__name__} must be floating, got dtype {x.dtype}")
+    if x.device != m.weight_bits.device:
+        raise ValueError(f"weight is on {m.weight_bits.device} but x on {x.device}; expected one device")
+    return x
+
+
+class PackedLayerBase(PlannedModule):
+    """Buffers, the cached unpacked weight and the plan cache shared by the packed binary layers
+    and the spiking binary layers (:mod:`kdengine.snn.binary`): ``weight_bits`` int32
+    ``(O, ceil(K / 32))`` (:func:`kdengine.ops.pack_signs` of the weight flattened to ``(O, K)``),
+    ``scale`` float32 ``(O,)``, ``bias`` float32 ``(O,)`` or None, ``backend`` (None: auto)."""
 
     def _init_buffers(self, out: int, k: int, bias: bool, device) -> None:
         self.k = int(k)
@@ -71,10 +118,36 @@ class _PackedBase(nn.Module):
         self.backend: Optional[str] = None
         self._dense_cache: Optional[tuple[Tensor, int, Tensor]] = None
 
+    @torch.no_grad()
+    def _copy_weights(self, sign_weight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> None:
+        """Pack ``sign_weight`` (its signs; ``(O, ...)``) into ``weight_bits``; copy the scale
+        and the bias (as float32)."""
+        self.weight_bits.copy_(pack_signs(sign_weight.detach().flatten(1)).bits)
+        self.scale.copy_(scale.detach().to(torch.float32))
+        if bias is not None:
+            self.bias.copy_(bias.detach().to(torch.float32))
+
+    @classmethod
+    @torch.no_grad()
+    def _from_trained(cls, layer: nn.Module, trained: type, sizes: tuple[str, ...]):
+        """The packed layer of a trained binary layer of type ``trained``: its sizes (the
+        attributes ``sizes``), bias and mode; the signs of its latent weights and its scale."""
+        if not isinstance(layer, trained):
+            raise TypeError(f"layer must be a {trained.__name__}, got {type(layer).__name__}")
+        w = layer.weight.detach()
+        out = cls(*(getattr(layer, n) for n in sizes), layer.bias is not None, layer.mode, w.device)
+        # The scale is computed by the same expression as in training, so it is the same float.
+        out._copy_weights(w, channel_scale(w), layer.bias)
+        return out
+
     @property
     def packed_weight(self) -> PackedSigns:
         """The weights as :class:`kdengine.ops.PackedSigns` (logical shape ``(O, K)``)."""
         return PackedSigns(self.weight_bits, self.k)
+
+    def sign_weight(self) -> Tensor:
+        """The +-1 weights float32, in the layer's weight shape (unpacked)."""
+        return self.packed_weight.unpack(torch.float32).view(self.weight_shape)
 
     def _dense_pm1(self, dtype: torch.dtype) -> Tensor:
         """Unpacked +-1 weights ``(O, K)`` in ``dtype``, cached until the bits change."""
@@ -89,9 +162,9 @@ class _PackedBase(nn.Module):
             c = self._dense_cache
         return c[2]
 
-    def prepare(self) -> "_PackedBase":
+    def prepare(self) -> "PackedLayerBase":
         """Build the run-time form now (``mode="weights"``: the unpacked +-1 weights)."""
-        if self.mode == "weights":
+        if getattr(self, "mode", None) == "weights":
             self._dense_pm1(torch.float32)
         return self
 
@@ -99,165 +172,179 @@ class _PackedBase(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._dense_cache = None
 
+    def forward(self, x: Tensor) -> Tensor:
+        return self._forward_plan(x).run(x)
 
-class PackedBinaryLinear(_PackedBase):
+
+class PackedBinaryLinear(PackedLayerBase):
     """Inference linear layer with 1-bit weights: ``y = (a @ sign(W)^T) * scale + bias``.
 
-    ``a = sign(x)`` via the XNOR-popcount op (``mode="both"``) or ``a = x`` with a float matmul
+    ``a = sign(x)`` via the XNOR-popcount kernel (``mode="both"``) or ``a = x`` with a float matmul
     on the cached unpacked weights (``mode="weights"``). ``x``: ``(..., in_features)`` floating;
     ``y``: ``(..., out_features)`` float32 (``mode="both"``) or ``x``'s dtype (``"weights"``).
+    ``forward`` runs :meth:`inference_plan`.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        mode: str = "weights",
-        bias: bool = False,
-        device=None,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, mode: str = "weights",
+                 device=None) -> None:
         super().__init__()
-        if in_features < 1 or out_features < 1:
-            raise ValueError(
-                f"in_features and out_features must be >= 1, got {in_features}, {out_features}"
-            )
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        _init_linear(self, in_features, out_features)
         self.mode = _check_mode(mode)
         self._init_buffers(self.out_features, self.in_features, bias, device)
 
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
     @classmethod
-    @torch.no_grad()
     def from_binary(cls, layer: BinaryLinear) -> "PackedBinaryLinear":
         """Pack a trained :class:`BinaryLinear` (its latent weights' signs, scale and bias)."""
-        if not isinstance(layer, BinaryLinear):
-            raise TypeError(f"layer must be a BinaryLinear, got {type(layer).__name__}")
-        w = layer.weight.detach()
-        out = cls(layer.in_features, layer.out_features, layer.mode, layer.bias is not None, w.device)
-        out.weight_bits.copy_(pack_signs(w).bits)
-        # The scale is computed by the same expression as in training, so it is the same float.
-        out.scale.copy_(channel_scale(w).to(torch.float32))
-        if layer.bias is not None:
-            out.bias.copy_(layer.bias.detach().to(torch.float32))
-        return out
+        return cls._from_trained(layer, BinaryLinear, ("in_features", "out_features"))
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}"
-            )
+    def inference_plan(self, x: Tensor, *, out_buffer: bool = False) -> LayerPlan:
+        """The forward for ``x``'s signature (:mod:`kdengine.nn.plan`)."""
+        x = _check_float_input(self, x)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+        k, n = self.in_features, self.out_features
+        lead = tuple(x.shape[:-1])
         if self.mode == "both":
-            return binary_linear(x, self.packed_weight, self.scale, self.bias, backend=self.backend)
-        y = F.linear(x, self._dense_pm1(x.dtype)) * self.scale.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y
+            impl = _dispatch.implementation("binary_linear", resolve_backend("binary_linear", x.device, self.backend))
+            self.packed_weight  # noqa: B018 - checks the padding bits once
+            bits = self.weight_bits.contiguous()
+            ct = compute_dtype(x.dtype)
+            sc, bi = _vec(self.scale, ct), _vec(self.bias, ct)
+            name = type(self).__name__
+            if x.numel() == 0:
+                run = lambda x: torch.zeros((*lead, n), dtype=x.dtype, device=x.device)  # noqa: E731
+            elif x.dim() == 2:
+
+                def run(x: Tensor) -> Tensor:
+                    return impl(x if x.is_contiguous() else x.contiguous(), bits, k, sc, bi)
+            else:
+
+                def run(x: Tensor) -> Tensor:
+                    return impl(x.reshape(-1, k).contiguous(), bits, k, sc, bi).reshape(*lead, n)
+
+            return LayerPlan(inference_only(run, name), (*lead, n), "binary linear, xnor-popcount kernel")
+        # mode "weights": float matmul on the unpacked +-1 weights, then * scale (+ bias) in place
+        dense = self._dense_pm1(x.dtype)
+        scale, bias = self.scale.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+        if out_buffer and x.dim() == 2:
+            # F.linear without bias is mm(x, W^T): the same kernel, into a buffer the plan keeps
+            dense_t = dense.t()
+            buf = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+
+            def run(x: Tensor) -> Tensor:
+                y = torch.mm(x, dense_t, out=buf).mul_(scale)
+                return y if bias is None else y.add_(bias)
+
+            return LayerPlan(run, (*lead, n), "binary-weight linear (unpacked +-1, out= buffer)",
+                             prealloc_bytes=nbytes(buf))
+
+        def run(x: Tensor) -> Tensor:
+            y = F.linear(x, dense).mul_(scale)
+            return y if bias is None else y.add_(bias)
+
+        return LayerPlan(run, (*lead, n), "binary-weight linear (unpacked +-1)")
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, mode={self.mode!r}"
-        )
+        return f"{_linear_repr(self)}, mode={self.mode!r}"
 
 
-class PackedBinaryConv2d(_PackedBase):
+class PackedBinaryConv2d(PackedLayerBase):
     """Inference 2-d convolution with 1-bit weights (``groups=1``, zero padding).
 
-    ``y = conv2d(a, sign(W)) * scale[o] + bias[o]``; ``a = sign(x)`` via
-    :func:`kdengine.ops.binary_conv2d` (``mode="both"``; padded positions contribute 0), or
-    ``a = x`` with ``F.conv2d`` on the cached unpacked weights (``mode="weights"``).
-    ``x``: ``(N, C, H, W)``.
+    ``y = conv2d(a, sign(W)) * scale[o] + bias[o]``; ``a = sign(x)`` on the channel-word XNOR GEMM
+    (``mode="both"``; padded positions contribute 0; the result is channels-last in memory, a
+    permuted view of the GEMM output), or ``a = x`` with ``F.conv2d`` on the cached unpacked
+    weights (``mode="weights"``). ``x``: ``(N, C, H, W)``. ``forward`` runs :meth:`inference_plan`.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: Union[int, tuple[int, int]],
-        stride: Union[int, tuple[int, int]] = 1,
-        padding: Union[int, tuple[int, int]] = 0,
-        dilation: Union[int, tuple[int, int]] = 1,
-        mode: str = "weights",
-        bias: bool = False,
-        device=None,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Pair, stride: Pair = 1,
+                 padding: Pair = 0, dilation: Pair = 1, bias: bool = False, mode: str = "weights",
+                 device=None) -> None:
         super().__init__()
-        if in_channels < 1 or out_channels < 1:
-            raise ValueError(
-                f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}"
-            )
-        self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels)
-        self.kernel_size = tuple(int(v) for v in _pair(kernel_size))
-        self.stride = tuple(int(v) for v in _pair(stride))
-        self.padding = tuple(int(v) for v in _pair(padding))
-        self.dilation = tuple(int(v) for v in _pair(dilation))
-        for name, val, lo in (
-            ("kernel_size", self.kernel_size, 1),
-            ("stride", self.stride, 1),
-            ("padding", self.padding, 0),
-            ("dilation", self.dilation, 1),
-        ):
-            if min(val) < lo:
-                raise ValueError(f"{name} must be >= {lo}, got {val}")
+        _init_conv(self, in_channels, out_channels, kernel_size, stride, padding, dilation)
         self.mode = _check_mode(mode)
         k = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         self._init_buffers(self.out_channels, k, bias, device)
 
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
     @classmethod
-    @torch.no_grad()
     def from_binary(cls, layer: BinaryConv2d) -> "PackedBinaryConv2d":
         """Pack a trained :class:`BinaryConv2d` (signs of ``W.flatten(1)``, scale, bias)."""
-        if not isinstance(layer, BinaryConv2d):
-            raise TypeError(f"layer must be a BinaryConv2d, got {type(layer).__name__}")
-        w = layer.weight.detach()
-        out = cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.mode,
-            layer.bias is not None,
-            w.device,
-        )
-        out.weight_bits.copy_(pack_signs(w.flatten(1)).bits)
-        out.scale.copy_(channel_scale(w).to(torch.float32))
-        if layer.bias is not None:
-            out.bias.copy_(layer.bias.detach().to(torch.float32))
-        return out
+        return cls._from_trained(layer, BinaryConv2d, ("in_channels", "out_channels", "kernel_size",
+                                                       "stride", "padding", "dilation"))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def geometry(self, x: Tensor) -> ConvGeometry:
+        """The :class:`kdengine.ops.binary.ConvGeometry` of ``x`` (``(N, C, H, W)``), checked."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        geo = ConvGeometry(*x.shape, kernel=self.kernel_size, stride=self.stride, padding=self.padding,
+                           dilation=self.dilation)
+        oh, ow = geo.out_hw
+        if oh < 1 or ow < 1 or min(x.shape[2:]) < 1:
             raise ValueError(
-                f"x must have shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+                f"the kernel (size {self.kernel_size}, dilation {self.dilation}) does not fit the "
+                f"input {tuple(x.shape[2:])} + padding {self.padding}"
             )
-        if self.mode == "both":
-            return binary_conv2d(
-                x,
-                self.packed_weight,
-                self.kernel_size,
-                self.scale,
-                self.bias,
-                stride=self.stride,
-                padding=self.padding,
-                dilation=self.dilation,
-                backend=self.backend,
-            )
-        w = self._dense_pm1(x.dtype).view(self.out_channels, self.in_channels, *self.kernel_size)
-        y = F.conv2d(x, w, None, self.stride, self.padding, self.dilation)
-        y = y * self.scale.to(x.dtype).view(1, -1, 1, 1)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype).view(1, -1, 1, 1)
-        return y
+        return geo
+
+    def inference_plan(self, x: Tensor, *, out_buffer: bool = False) -> LayerPlan:
+        """The forward for ``x``'s signature (:mod:`kdengine.nn.plan`)."""
+        x = _check_float_input(self, x)
+        geo = self.geometry(x)
+        o, (oh, ow), b = self.out_channels, geo.out_hw, x.shape[0]
+        out_shape = (b, o, oh, ow)
+        if self.mode == "weights":
+            w = self._dense_pm1(x.dtype).view(self.weight_shape)
+            scale = self.scale.to(x.dtype).view(1, -1, 1, 1)
+            bias = None if self.bias is None else self.bias.to(x.dtype).view(1, -1, 1, 1)
+            stride, padding, dilation = self.stride, self.padding, self.dilation
+
+            def run(x: Tensor) -> Tensor:
+                y = F.conv2d(x, w, None, stride, padding, dilation).mul_(scale)
+                return y if bias is None else y.add_(bias)
+
+            return LayerPlan(run, out_shape, "binary-weight conv (unpacked +-1)")
+        backend = resolve_backend("binary_conv2d", x.device, self.backend)
+        self.packed_weight  # noqa: B018 - checks the padding bits once
+        ct = compute_dtype(x.dtype)
+        sc, bi = _vec(self.scale, ct), _vec(self.bias, ct)
+        if b == 0:
+            return LayerPlan(lambda x: torch.zeros(out_shape, dtype=x.dtype, device=x.device),
+                             out_shape, "empty batch")
+        if backend not in GEMM_CONV_BACKENDS:
+            impl = _dispatch.implementation("binary_conv2d", backend)
+            bits = self.weight_bits.contiguous()
+            return LayerPlan(inference_only(lambda x: impl(x, bits, geo, sc, bi), "PackedBinaryConv2d"),
+                             out_shape, f"binary conv ({backend} kernel)")
+        (kh, kw), cw = self.kernel_size, n_words(self.in_channels)
+        if kh * kw * 32 * cw >= K_LIMIT:
+            raise ValueError(f"the conv GEMM's K = kh*kw*32*ceil(C/32) = {kh * kw * 32 * cw} must be < 2^31")
+        # Weight repacking and border correction once; the output is handed on as a channels-last
+        # view (no transpose copy): the pooling / BN that follow run faster on it, and the next
+        # binary conv packs each pixel's channels from contiguous memory.
+        conv = ChannelWordConv(self.sign_weight(), geo, backend, spikes=False)
+
+        def run(x: Tensor) -> Tensor:
+            y = conv.counts(x, ct)
+            if sc is not None:
+                y.mul_(sc)
+            if bi is not None:
+                y.add_(bi)
+            return y.view(b, oh, ow, o).permute(0, 3, 1, 2).to(x.dtype)
+
+        return LayerPlan(inference_only(run, "PackedBinaryConv2d"), out_shape,
+                         "binary conv, xnor-popcount GEMM (weights repacked once)",
+                         precomputed_bytes=conv.nbytes)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-            f"bias={self.bias is not None}, mode={self.mode!r}"
-        )
+        return f"{_conv_repr(self)}, mode={self.mode!r}"
 
 
 def pack_model(model: nn.Module, *, backend: Optional[str] = None) -> nn.Module:

@@ -20,25 +20,12 @@ from kdengine.snn.convert import (
     fold_batchnorm,
 )
 from kdengine.snn.latency import ScalingSearch, search_scaling, tune_early_exit
-from kdengine.snn.layers import (
-    CumulativeMaxPool2d,
-    IFNeuron,
-    IntegrateOutput,
-    MultiStep,
-    Stateful,
-    keep_states,
-    reset_states,
-)
+from kdengine.snn import layers as _layers
+from kdengine.snn.layers import *  # noqa: F401,F403 - the names of layers.__all__
 from kdengine.snn.run import EarlyExit, SNNRun, run_snn, simulate_early_exit
 
 __all__ = [
-    "IFNeuron",
-    "MultiStep",
-    "CumulativeMaxPool2d",
-    "IntegrateOutput",
-    "Stateful",
-    "reset_states",
-    "keep_states",
+    *_layers.__all__,
     "SpikingBinaryLinear",
     "SpikingBinaryConv2d",
     "convert",

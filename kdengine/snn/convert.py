@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdengine.nn.binary import BinaryConv2d, BinaryLinear, channel_scale
+from kdengine.nn.packed import PackedBinaryConv2d, PackedBinaryLinear
 from kdengine.snn.binary import SpikingBinaryConv2d, SpikingBinaryLinear
 from kdengine.snn.layers import (
     CumulativeMaxPool2d,
@@ -188,9 +190,6 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _weight_from(name: str, m: nn.Module) -> Optional[_Weight]:
-    from kdengine.nn.binary import BinaryConv2d, BinaryLinear, channel_scale
-    from kdengine.nn.packed import PackedBinaryConv2d, PackedBinaryLinear
-
     if type(m) is nn.Conv2d:
         if m.padding_mode != "zeros":
             raise ValueError(f"layer {name!r}: only padding_mode='zeros' convolutions can be "
@@ -711,12 +710,12 @@ def _build(cal: Calibration, lams: list[float], *, encoding: str, normalize: str
                 if wl.binary and binary == "packed" and spikes_in:
                     if wl.kind == "conv":
                         a = wl.conv_args
-                        layers.append(SpikingBinaryConv2d(wl.sign, wl.alpha, wl.bias, a["stride"],
-                                                          a["padding"], a["dilation"],
-                                                          backend=backend, check_spikes=False))
+                        layers.append(SpikingBinaryConv2d.from_signs(
+                            wl.sign, wl.alpha, wl.bias, a["stride"], a["padding"], a["dilation"],
+                            backend=backend, check_spikes=False))
                     else:
-                        layers.append(SpikingBinaryLinear(wl.sign, wl.alpha, wl.bias, backend=backend,
-                                                          check_spikes=False))
+                        layers.append(SpikingBinaryLinear.from_signs(wl.sign, wl.alpha, wl.bias,
+                                                                     backend=backend, check_spikes=False))
                     kinds.append(f"{op.name}: binary {wl.kind} on spike_matmul")
                 else:
                     if wl.binary:
