@@ -1,4 +1,6 @@
-"""Training: the :class:`Distiller` trainer, its loss terms, checkpoints and DDP helpers.
+"""Training: the :class:`Distiller` trainer, its loss terms, checkpoints and DDP helpers, and
+:func:`fit`, the recipe-level loop (optimizer and schedule by name) that the demo and the
+reproductions train with.
 
     from kdengine.train import Distiller, CrossEntropyTerm, KDTerm
     d = Distiller(student, torch.optim.SGD(student.parameters(), 0.1),

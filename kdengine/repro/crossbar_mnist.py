@@ -1,11 +1,12 @@
-"""Binary MNIST network on simulated crossbars: accuracy vs ADC bits and vs stored-bit error rate.
+"""``kdengine repro crossbar_mnist``: a binary MNIST network on simulated crossbars: accuracy vs ADC
+bits and vs stored-bit error rate.
 
-What it does (``python -m kdengine.experiments.crossbar_mnist``, or :func:`run`):
+What it does (``kdengine repro crossbar_mnist``, or :func:`run`):
 
 1. Data: :func:`kdengine.data.load_mnist` (the 10,000 official MNIST test images split 8,000 train
    / 2,000 test by the fixed seeded permutation, seed 0).
-2. Model: an MLP with binary weights *and* activations in its hidden layers (BinaryNet style, the
-   ``mode="both"`` recipe of :mod:`kdengine.experiments.binary_mnist`):
+2. Model: :func:`kdengine.models.binary_mlp`, binary weights *and* activations in its hidden
+   layers (BinaryNet style, the ``mode="both"`` recipe of ``kdengine repro binary_mnist``):
    ``Flatten | Linear(784, H) BN | BinaryLinear(H, H) BN | BinaryLinear(H, H) BN | Linear(H, 10)``
    (H = 512; first and last layer full precision; each binary layer's sign of its BN-normalised
    input is the nonlinearity), trained with Adam + cosine decay and the clipped STE.
@@ -30,13 +31,12 @@ What it does (``python -m kdengine.experiments.crossbar_mnist``, or :func:`run`)
      accuracy hardly moves.
 
 Everything on the CPU with ``torch.set_num_threads(threads)`` (2 by default). Writes
-``crossbar_mnist.json``, ``.md`` and ``.png`` under ``--out`` (default ``benches/results``).
+``crossbar_mnist.json``, ``.md`` and ``.png``. ``--quick``: hidden width 128, one epoch, one
+bit-flip seed per error rate.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -44,56 +44,22 @@ import time
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from kdengine.crossbar import calibrate_adc_clip, simulate
 from kdengine.data import load_mnist
 from kdengine.infer import load
-from kdengine.nn import binarize_model, clip_latent_weights_, pack_model
+from kdengine.models import binary_mlp
+from kdengine.nn import pack_model
+from kdengine.repro import ReproArgs, register
+from kdengine.repro.common import RunClock, fit_adam_steps, torch_threads
+from kdengine.repro.results import pyplot, save_figure, to_json, write_files
 from kdengine.serialize import save_packed
 
-__all__ = ["run", "main", "binary_mlp"]
+__all__ = ["run"]
 
 BERS = (0.0, 1e-4, 1e-3, 1e-2, 4e-2, 0.1, 0.2, 0.5)  # the last three: where it breaks
 BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 ROWS = (128, 256, 512)  # 512 = one tile holds all K = 512 rows
-
-
-def binary_mlp(hidden: int = 512) -> nn.Sequential:
-    """The experiment's network (module docstring) before training, hidden layers binary."""
-    skeleton = nn.Sequential(
-        nn.Flatten(), nn.Linear(784, hidden), nn.BatchNorm1d(hidden),
-        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden),
-        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden),
-        nn.Linear(hidden, 10),
-    )
-    return binarize_model(skeleton, mode="both")
-
-
-def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int,
-           log) -> dict:
-    gen = torch.Generator().manual_seed(seed + 1)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    batch = 128
-    steps = epochs * math.ceil(len(x) / batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train()
-    t0 = time.perf_counter()
-    for ep in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        tot = 0.0
-        for i in range(0, len(x), batch):
-            idx = perm[i : i + batch]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            clip_latent_weights_(model)
-            tot += loss.item() * len(idx)
-        log(f"  epoch {ep + 1}/{epochs}: train loss {tot / len(x):.4f} ({time.perf_counter() - t0:.1f} s)")
-    return {"train_seconds": round(time.perf_counter() - t0, 2), "final_train_loss": round(tot / len(x), 4)}
 
 
 def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -110,9 +76,7 @@ def run(seed: int = 0, epochs: int = 6, hidden: int = 512, threads: int = 2, see
     """Train, pack, simulate; returns a JSON-ready dict (see the module docstring).
     ``save_model``: also keep the packed model file there (for ``kdengine infer``)."""
     log = (lambda *_: None) if quiet else print
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         x_tr, y_tr = load_mnist("train", seed=seed)
         x_te, y_te = load_mnist("test", seed=seed)
         torch.manual_seed(seed)
@@ -120,7 +84,7 @@ def run(seed: int = 0, epochs: int = 6, hidden: int = 512, threads: int = 2, see
         log(f"[train] binary MLP 784-{hidden}-{hidden}-{hidden}-10, hidden layers binary (weights and activations)")
         phases: dict[str, float] = {}
         tp = time.perf_counter()
-        train = _train(model, x_tr, y_tr, epochs, 5e-3, seed, log)
+        train = fit_adam_steps(model, x_tr, y_tr, epochs=epochs, lr=5e-3, seed=seed, binary=True, log=log)
         phases["train"] = time.perf_counter() - tp
         tp = time.perf_counter()
         model.eval()
@@ -218,20 +182,18 @@ def run(seed: int = 0, epochs: int = 6, hidden: int = 512, threads: int = 2, see
             },
             "threads": threads,
         }
-    finally:
-        torch.set_num_threads(old)
 
 
 def _markdown(res: dict) -> str:
     cb, m, rt = res["crossbar"], res["model"], res["runtime"]
     mach = res.get("machine", {})
     lines = [
-        "# Binary MNIST on simulated crossbars (kdengine.experiments.crossbar_mnist)",
+        "# Binary MNIST on simulated crossbars (kdengine repro crossbar_mnist)",
         "",
         f"- Machine: {mach.get('cpu', '?')}, {res['threads']} torch threads, torch {mach.get('torch', '?')}; "
         f"date {mach.get('date', '?')}; whole run {res.get('wall_seconds', '?')} s wall "
         f"({', '.join(f'{k} {v} s' for k, v in res.get('phase_seconds', {}).items())}; 1-min load average "
-        f"{res.get('load_average_1min', '?')} at start, on cores shared with other jobs)",
+        f"{res.get('load_average_1min', {}).get('start', '?')} at start, on cores shared with other jobs)",
         f"- Data: {res['data']['dataset']}; {res['data']['split']}, seed {res['data']['seed']}",
         f"- Model: {m['architecture']}; {m['epochs']} epochs, {m['optimizer']}; trained in {m['train_seconds']} s",
         f"- Test accuracy: trained model {m['trained_test_accuracy']}, packed model in kdengine.infer "
@@ -283,14 +245,12 @@ def _markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(res: dict, path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:  # noqa: BLE001 - plotting is optional
-        return False
+def _figure(res: dict) -> Any:
+    """The three panels (accuracy and agreement vs ADC bits, accuracy vs bit-error rate), or None
+    without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
     cb = res["crossbar"]
     fig, (a1, a0, a2) = plt.subplots(1, 3, figsize=(15, 4.4))
     accs = []
@@ -326,45 +286,20 @@ def _plot(res: dict, path: str) -> bool:
     fig.suptitle("Binary MLP (2 hidden 512x512 layers with binary weights and activations) on simulated "
                  "XNOR crossbars, MNIST")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    """CLI: run and write ``<out>/crossbar_mnist.json``, ``.md`` and ``.png``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--seeds", type=int, default=5, help="bit-flip seeds per error rate")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=os.path.join("benches", "results"))
-    p.add_argument("--no-write", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--save-model", default=None, help="also write the packed model (.safetensors) here")
-    a = p.parse_args(argv)
-    from kdengine.bench.machine import machine_info
+QUICK = dict(epochs=1, hidden=128, seeds=1)
 
-    t0 = time.perf_counter()
-    load0 = round(os.getloadavg()[0], 2)
-    res = run(seed=a.seed, epochs=a.epochs, hidden=a.hidden, threads=a.threads, seeds=a.seeds, quiet=a.quiet,
-              save_model=a.save_model)
-    res["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    res["load_average_1min"] = load0
-    res["machine"] = machine_info()
+
+@register("crossbar_mnist", "binary MLP on simulated XNOR crossbars: accuracy vs ADC bits and stored-bit "
+                            "error rate", minutes=2, quick_minutes=0.1, seeds=(0,), record_subdir="")
+def entry(args: ReproArgs) -> dict:
+    clock = RunClock()
+    res = clock.stamp(run(seed=args.seeds[0], **(QUICK if args.quick else {})))
     md = _markdown(res)
-    print(md)
-    if not a.no_write:
-        os.makedirs(a.out, exist_ok=True)
-        base = os.path.join(a.out, "crossbar_mnist")
-        with open(base + ".json", "w") as f:
-            json.dump(res, f, indent=2)
-        with open(base + ".md", "w") as f:
-            f.write(md)
-        print(f"wrote {base}.json, {base}.md" + (f", {base}.png" if _plot(res, base + ".png") else ""))
-    return res
-
-
-if __name__ == "__main__":
-    main()
+    files: dict[str, Any] = {"crossbar_mnist.json": to_json(res, indent=2), "crossbar_mnist.md": md}
+    fig = _figure(res)
+    if fig is not None:
+        files["crossbar_mnist.png"] = save_figure(fig)
+    return {"table": md, "paths": write_files(args.out_dir, files)}
