@@ -211,13 +211,15 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 2
     args = ReproArgs(seeds=seeds, quick=a.quick, out_dir=out_dir, device=a.device)
-    if entry.threads is not None:
-        from kdengine.repro.common import torch_threads
+    import torch
 
-        with torch_threads(entry.threads):
-            result: Any = entry.fn(args)
-    else:
-        result = entry.fn(args)
+    threads = torch.get_num_threads()
+    if entry.threads is not None:
+        torch.set_num_threads(entry.threads)
+    try:
+        result: Any = entry.fn(args)
+    finally:
+        torch.set_num_threads(threads)
     wall = time.perf_counter() - args.started
     if isinstance(result, dict):
         if result.get("table"):

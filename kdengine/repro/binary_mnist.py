@@ -21,8 +21,8 @@ What it does (``kdengine repro binary_mnist``, or :func:`run`):
    logit difference are reported. Sizes: bytes of the fp32 model's state, of the packed model's
    state, of the saved file, and of the binary layers' weights alone (fp32 vs bits).
 
-Everything runs on the CPU with ``torch.set_num_threads(threads)`` (2 by default). ``--quick``:
-one epoch of width-8 nets on 2,000 training images, scored on 500 test images.
+Everything runs on the CPU; ``kdengine repro`` runs it with 2 torch threads. ``--quick``:
+three epochs of width-8 nets on 2,000 training images, scored on 500 test images.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from kdengine.nn import (
     state_nbytes,
 )
 from kdengine.repro import ReproArgs, register
-from kdengine.repro.common import RunClock, fit_adam_steps, torch_threads
+from kdengine.repro.common import RunClock, fit_adam_steps
 from kdengine.repro.results import to_json, write_files
 from kdengine.serialize import load_packed, save_packed
 
@@ -84,7 +84,6 @@ def run(
     epochs: int = DEFAULT_EPOCHS,
     quiet: bool = False,
     *,
-    threads: int = 2,
     variants: tuple[str, ...] = ("float", "weights", "both"),
     lr: Optional[dict] = None,
     n_train: int = 8000,
@@ -98,72 +97,71 @@ def run(
             raise ValueError(f"variants must be among 'float', 'weights', 'both', got {v!r}")
     lrs = dict(DEFAULT_LR, **(lr or {}))
     log = (lambda *_: None) if quiet else print
-    with torch_threads(threads):
-        x_tr, y_tr = load_mnist("train", seed=seed, n_train=n_train)
-        x_te, y_te = load_mnist("test", seed=seed, n_train=n_train)
-        x_tr, y_tr, x_te, y_te = x_tr[:n_fit], y_tr[:n_fit], x_te[:n_test], y_te[:n_test]
-        out: dict[str, Any] = {
-            "experiment": "binary_mnist",
-            "data": {
-                "dataset": "MNIST official test set (t10k, 10,000 images; LeCun, Cortes, Burges; CC BY-SA 3.0)",
-                "split": f"seeded permutation (kdengine.data.load_mnist): {len(x_tr)} train / {len(x_te)} test",
-                "seed": seed,
-                "n_train": len(x_tr),
-                "n_test": len(x_te),
-            },
-            "config": {"epochs": epochs, "batch": BATCH, "optimizer": "Adam, cosine decay to 0",
-                       "lr_note": "picked by a small sweep scored on this test split (seed 0)",
-                       "lr": {v: lrs[v] for v in variants}, "threads": threads,
-                       "width": width},
-            "variants": {},
+    x_tr, y_tr = load_mnist("train", seed=seed, n_train=n_train)
+    x_te, y_te = load_mnist("test", seed=seed, n_train=n_train)
+    x_tr, y_tr, x_te, y_te = x_tr[:n_fit], y_tr[:n_fit], x_te[:n_test], y_te[:n_test]
+    out: dict[str, Any] = {
+        "experiment": "binary_mnist",
+        "data": {
+            "dataset": "MNIST official test set (t10k, 10,000 images; LeCun, Cortes, Burges; CC BY-SA 3.0)",
+            "split": f"seeded permutation (kdengine.data.load_mnist): {len(x_tr)} train / {len(x_te)} test",
+            "seed": seed,
+            "n_train": len(x_tr),
+            "n_test": len(x_te),
+        },
+        "config": {"epochs": epochs, "batch": BATCH, "optimizer": "Adam, cosine decay to 0",
+                   "lr_note": "picked by a small sweep scored on this test split (seed 0)",
+                   "lr": {v: lrs[v] for v in variants}, "threads": torch.get_num_threads(),
+                   "width": width},
+        "variants": {},
+    }
+    for variant in variants:
+        log(f"[{variant}]")
+        torch.manual_seed(seed)
+        if variant == "float":
+            model = vgg_relu(width)
+        elif variant == "weights":
+            model = binarize_model(vgg_relu(width), mode="weights")
+        else:
+            model = binarize_model(vgg_bn_sign(width), mode="both")
+        stats = fit_adam_steps(model, x_tr, y_tr, epochs=epochs, lr=lrs[variant], seed=seed,
+                               binary=variant != "float", log=log)
+        t0 = time.perf_counter()
+        logits = _logits(model, x_te)
+        infer_s = time.perf_counter() - t0
+        pred = logits.argmax(1)
+        res: dict[str, Any] = {
+            "test_accuracy": round((pred == y_te).float().mean().item(), 4),
+            "test_errors": int((pred != y_te).sum()),
+            **stats,
+            "fp32_state_bytes": state_nbytes(model),
+            "test_inference_seconds": round(infer_s, 3),
+            "architecture": [type(m).__name__ for m in model],
         }
-        for variant in variants:
-            log(f"[{variant}]")
-            torch.manual_seed(seed)
-            if variant == "float":
-                model = vgg_relu(width)
-            elif variant == "weights":
-                model = binarize_model(vgg_relu(width), mode="weights")
-            else:
-                model = binarize_model(vgg_bn_sign(width), mode="both")
-            stats = fit_adam_steps(model, x_tr, y_tr, epochs=epochs, lr=lrs[variant], seed=seed,
-                                   binary=variant != "float", log=log)
+        if variant != "float":
+            res.update(_binary_weight_bytes(model))
+            packed = pack_model(model)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, f"{variant}.safetensors")
+                save_packed(packed, path)
+                res["packed_file_bytes"] = os.path.getsize(path)
+                loaded = load_packed(path)
+            res["packed_state_bytes"] = state_nbytes(loaded)
+            res.update(_packed_bits_bytes(loaded))
+            res["binary_layers_compression"] = round(
+                res["binary_layers_weight_fp32_bytes"] / res["binary_layers_bits_bytes"], 2
+            )
+            res["model_compression"] = round(res["fp32_state_bytes"] / res["packed_state_bytes"], 2)
             t0 = time.perf_counter()
-            logits = _logits(model, x_te)
-            infer_s = time.perf_counter() - t0
-            pred = logits.argmax(1)
-            res: dict[str, Any] = {
-                "test_accuracy": round((pred == y_te).float().mean().item(), 4),
-                "test_errors": int((pred != y_te).sum()),
-                **stats,
-                "fp32_state_bytes": state_nbytes(model),
-                "test_inference_seconds": round(infer_s, 3),
-                "architecture": [type(m).__name__ for m in model],
-            }
-            if variant != "float":
-                res.update(_binary_weight_bytes(model))
-                packed = pack_model(model)
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = os.path.join(tmp, f"{variant}.safetensors")
-                    save_packed(packed, path)
-                    res["packed_file_bytes"] = os.path.getsize(path)
-                    loaded = load_packed(path)
-                res["packed_state_bytes"] = state_nbytes(loaded)
-                res.update(_packed_bits_bytes(loaded))
-                res["binary_layers_compression"] = round(
-                    res["binary_layers_weight_fp32_bytes"] / res["binary_layers_bits_bytes"], 2
-                )
-                res["model_compression"] = round(res["fp32_state_bytes"] / res["packed_state_bytes"], 2)
-                t0 = time.perf_counter()
-                plog = _logits(loaded, x_te)
-                res["packed_test_inference_seconds"] = round(time.perf_counter() - t0, 3)
-                ppred = plog.argmax(1)
-                res["packed_test_accuracy"] = round((ppred == y_te).float().mean().item(), 4)
-                res["packed_vs_trained_prediction_mismatches"] = int((ppred != pred).sum())
-                res["packed_vs_trained_max_abs_logit_diff"] = float((plog - logits).abs().max())
-            log("  " + ", ".join(f"{k}={v}" for k, v in res.items() if k != "architecture"))
-            out["variants"][variant] = res
-        return out
+            plog = _logits(loaded, x_te)
+            res["packed_test_inference_seconds"] = round(time.perf_counter() - t0, 3)
+            ppred = plog.argmax(1)
+            res["packed_test_accuracy"] = round((ppred == y_te).float().mean().item(), 4)
+            res["packed_vs_trained_prediction_mismatches"] = int((ppred != pred).sum())
+            res["packed_vs_trained_max_abs_logit_diff"] = float((plog - logits).abs().max())
+        log("  " + ", ".join(f"{k}={v}" for k, v in res.items() if k != "architecture"))
+        out["variants"][variant] = res
+    return out
 
 
 def _markdown(res: dict) -> str:
@@ -213,7 +211,7 @@ def _markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-QUICK = dict(epochs=1, width=8, n_fit=2000, n_test=500)
+QUICK = dict(epochs=3, width=8, n_fit=2000, n_test=500)
 
 
 def _backends() -> Any:
@@ -227,7 +225,8 @@ def _backends() -> Any:
 
 
 @register("binary_mnist", "binary-weight and binary weight+activation VGG CNNs on MNIST: accuracy, size, "
-                          "packed == trained", minutes=12, quick_minutes=0.3, seeds=(0,), record_subdir="")
+                          "packed == trained", minutes=12, quick_minutes=0.3,
+          seeds=(0,), record_subdir="", threads=2)
 def entry(args: ReproArgs) -> dict:
     clock = RunClock()
     res = run(seed=args.seeds[0], **(QUICK if args.quick else {}))

@@ -11,14 +11,13 @@ Result files, for a reproduction ``name`` in ``out_dir``:
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import math
 import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -60,18 +59,6 @@ def mnist_setup(args: Any, full: Mapping[str, Any], quick: Mapping[str, Any],
         (ntr, nte) = quick_sizes
         xtr, ytr, xte, yte = xtr[:ntr], ytr[:ntr], xte[:nte], yte[:nte]
     return cfg, (xtr, ytr), (xte, yte)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the body with ``torch.set_num_threads(n)`` (restored after): for tiny models, intra-op
-    threads cost more than they give."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def train_model(model: nn.Module, train: tuple[Tensor, Tensor], losses: Any, *,

@@ -30,7 +30,7 @@ What it does (``kdengine repro crossbar_mnist``, or :func:`run`):
      ideal crossbar's (``agreement``): it shows the ADC and the flips at work even where the
      accuracy hardly moves.
 
-Everything on the CPU with ``torch.set_num_threads(threads)`` (2 by default). Writes
+Everything on the CPU; ``kdengine repro`` runs it with 2 torch threads. Writes
 ``crossbar_mnist.json``, ``.md`` and ``.png``. ``--quick``: hidden width 128, one epoch, one
 bit-flip seed per error rate.
 """
@@ -51,7 +51,7 @@ from kdengine.infer import load
 from kdengine.models import binary_mlp
 from kdengine.nn import pack_model
 from kdengine.repro import ReproArgs, register
-from kdengine.repro.common import RunClock, fit_adam_steps, torch_threads
+from kdengine.repro.common import RunClock, fit_adam_steps
 from kdengine.repro.results import pyplot, save_figure, to_json, write_files
 from kdengine.serialize import save_packed
 
@@ -71,117 +71,116 @@ def _agree(logits: torch.Tensor, ideal: torch.Tensor) -> float:
     return round(float((logits.argmax(1) == ideal.argmax(1)).float().mean()), 4)
 
 
-def run(seed: int = 0, epochs: int = 6, hidden: int = 512, threads: int = 2, seeds: int = 5,
+def run(seed: int = 0, epochs: int = 6, hidden: int = 512, seeds: int = 5,
         quiet: bool = False, save_model: Optional[str] = None) -> dict:
     """Train, pack, simulate; returns a JSON-ready dict (see the module docstring).
     ``save_model``: also keep the packed model file there (for ``kdengine infer``)."""
     log = (lambda *_: None) if quiet else print
-    with torch_threads(threads):
-        x_tr, y_tr = load_mnist("train", seed=seed)
-        x_te, y_te = load_mnist("test", seed=seed)
-        torch.manual_seed(seed)
-        model = binary_mlp(hidden)
-        log(f"[train] binary MLP 784-{hidden}-{hidden}-{hidden}-10, hidden layers binary (weights and activations)")
-        phases: dict[str, float] = {}
-        tp = time.perf_counter()
-        train = fit_adam_steps(model, x_tr, y_tr, epochs=epochs, lr=5e-3, seed=seed, binary=True, log=log)
-        phases["train"] = time.perf_counter() - tp
-        tp = time.perf_counter()
-        model.eval()
-        with torch.no_grad():
-            trained_acc = _acc(model(x_te), y_te)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "binary_mlp.safetensors")
-            save_packed(pack_model(model), path)
-            file_bytes = os.path.getsize(path)
-            im = load(path)
-            if save_model:
-                shutil.copyfile(path, save_model)
-        logits = im.predict(x_te)
-        lat = im.latency(x_te[:1], repeat=200)
-        runtime = {"test_accuracy": _acc(logits, y_te), "file_bytes": file_bytes,
-                   "latency_batch1_ms": {"p50": round(lat.p50_ms, 4), "p99": round(lat.p99_ms, 4)}}
-        log(f"[runtime] accuracy {runtime['test_accuracy']} (trained model {trained_acc}), "
-            f"batch-1 p50 {lat.p50_ms:.3f} ms p99 {lat.p99_ms:.3f} ms, file {file_bytes} bytes")
+    x_tr, y_tr = load_mnist("train", seed=seed)
+    x_te, y_te = load_mnist("test", seed=seed)
+    torch.manual_seed(seed)
+    model = binary_mlp(hidden)
+    log(f"[train] binary MLP 784-{hidden}-{hidden}-{hidden}-10, hidden layers binary (weights and activations)")
+    phases: dict[str, float] = {}
+    tp = time.perf_counter()
+    train = fit_adam_steps(model, x_tr, y_tr, epochs=epochs, lr=5e-3, seed=seed, binary=True, log=log)
+    phases["train"] = time.perf_counter() - tp
+    tp = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        trained_acc = _acc(model(x_te), y_te)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "binary_mlp.safetensors")
+        save_packed(pack_model(model), path)
+        file_bytes = os.path.getsize(path)
+        im = load(path)
+        if save_model:
+            shutil.copyfile(path, save_model)
+    logits = im.predict(x_te)
+    lat = im.latency(x_te[:1], repeat=200)
+    runtime = {"test_accuracy": _acc(logits, y_te), "file_bytes": file_bytes,
+               "latency_batch1_ms": {"p50": round(lat.p50_ms, 4), "p99": round(lat.p99_ms, 4)}}
+    log(f"[runtime] accuracy {runtime['test_accuracy']} (trained model {trained_acc}), "
+        f"batch-1 p50 {lat.p50_ms:.3f} ms p99 {lat.p99_ms:.3f} ms, file {file_bytes} bytes")
 
-        ideal, st = simulate(im, x_te, rows=128)
-        exact = torch.equal(ideal, logits)
-        log(f"[crossbar] ideal ADC, no errors == packed kernels bit for bit: {exact}")
-        counts = {}
-        for rows in ROWS:
-            _, s = simulate(im, x_te[:1], rows=rows)
-            counts[str(rows)] = {
-                "arrays": sum(layer.arrays for layer in s.layers),
-                "tile_activations_per_image": s.tile_activations,
-                "adc_conversions_per_image": s.adc_conversions,
-                "tile_activations_test_set": s.tile_activations * len(x_te),
-                "adc_conversions_test_set": s.adc_conversions * len(x_te),
-                "layers": [{"name": layer.name, "k": layer.k, "n": layer.n, "row_tiles": layer.row_tiles}
-                           for layer in s.layers],
-            }
-        phases["runtime_and_counts"] = time.perf_counter() - tp
-        tp = time.perf_counter()
-        calib = {str(rows): calibrate_adc_clip(im, x_tr[:1000], rows=rows, n_sigma=3.0) for rows in ROWS}
-        psum = {str(rows): {layer.name: round(layer.psum_rms, 3)
-                            for layer in simulate(im, x_tr[:1000], rows=rows)[1].layers} for rows in ROWS}
-
-        adc: dict[str, Any] = {}
-        for rows in ROWS:
-            for window in ("full", "3rms"):
-                key = f"rows{rows}_{window}"
-                clip = None if window == "full" else calib[str(rows)]
-                accs, sat, agree = {}, {}, {}
-                for b in BITS:
-                    out, s = simulate(im, x_te, rows=rows, adc_bits=b, adc_clip=clip)
-                    accs[str(b)] = _acc(out, y_te)
-                    agree[str(b)] = _agree(out, ideal)
-                    sat[str(b)] = round(sum(layer.saturations for layer in s.layers) / s.adc_conversions, 5)
-                accs["ideal"] = _acc(ideal, y_te)
-                adc[key] = {"rows": rows, "window": window, "accuracy": accs, "agreement_with_ideal": agree,
-                            "saturation_rate": sat}
-                log(f"[adc] {key}: " + " ".join(f"{k}:{v}" for k, v in accs.items()))
-
-        phases["adc_sweep"] = time.perf_counter() - tp
-        tp = time.perf_counter()
-        ber: dict[str, Any] = {}
-        for label, bits, clip in (("ideal ADC", None, None), ("3-bit ADC, 3-RMS window", 3, calib["128"])):
-            res = {}
-            for q in BERS:
-                vals, flips, agree = [], [], []
-                for sd in range(seeds if q > 0 else 1):
-                    out, s = simulate(im, x_te, rows=128, adc_bits=bits, adc_clip=clip, bit_error_rate=q, seed=sd)
-                    vals.append(_acc(out, y_te))
-                    agree.append(_agree(out, ideal))
-                    flips.append(s.flipped_bits)
-                res[str(q)] = {"mean": round(sum(vals) / len(vals), 4), "min": min(vals), "max": max(vals),
-                               "seeds": len(vals), "mean_flipped_bits": sum(flips) / len(flips),
-                               "agreement_with_ideal": round(sum(agree) / len(agree), 4)}
-            ber[label] = res
-            log(f"[ber] {label}: " + " ".join(f"{k}:{v['mean']}" for k, v in res.items()))
-        phases["ber_sweep"] = time.perf_counter() - tp
-        return {
-            "experiment": "crossbar_mnist",
-            "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
-            "data": {"dataset": "MNIST official test set (t10k), kdengine.data.load_mnist",
-                     "split": f"seeded permutation: {len(x_tr)} train / {len(x_te)} test", "seed": seed},
-            "model": {"architecture": f"Flatten | Linear(784,{hidden}) BN | BinaryLinear({hidden},{hidden}, both) BN "
-                                      f"| BinaryLinear({hidden},{hidden}, both) BN | Linear({hidden},10)",
-                      "epochs": epochs, "optimizer": "Adam lr 5e-3, cosine decay, batch 128", **train,
-                      "trained_test_accuracy": trained_acc},
-            "runtime": runtime,
-            "crossbar": {
-                "ideal_equals_packed_kernels": exact,
-                "adc_model": "per tile: window [-c, c], c = tile rows (full) or min(3 x RMS of the layer's "
-                             "partial sums on 1,000 training images, tile rows); 2^b levels including both ends, "
-                             "round half to even, clamp = saturation; tiles summed digitally",
-                "adc_windows_3rms": calib,
-                "partial_sum_rms": psum,
-                "counts": counts,
-                "accuracy_vs_adc_bits": adc,
-                "accuracy_vs_bit_error_rate": ber,
-            },
-            "threads": threads,
+    ideal, st = simulate(im, x_te, rows=128)
+    exact = torch.equal(ideal, logits)
+    log(f"[crossbar] ideal ADC, no errors == packed kernels bit for bit: {exact}")
+    counts = {}
+    for rows in ROWS:
+        _, s = simulate(im, x_te[:1], rows=rows)
+        counts[str(rows)] = {
+            "arrays": sum(layer.arrays for layer in s.layers),
+            "tile_activations_per_image": s.tile_activations,
+            "adc_conversions_per_image": s.adc_conversions,
+            "tile_activations_test_set": s.tile_activations * len(x_te),
+            "adc_conversions_test_set": s.adc_conversions * len(x_te),
+            "layers": [{"name": layer.name, "k": layer.k, "n": layer.n, "row_tiles": layer.row_tiles}
+                       for layer in s.layers],
         }
+    phases["runtime_and_counts"] = time.perf_counter() - tp
+    tp = time.perf_counter()
+    calib = {str(rows): calibrate_adc_clip(im, x_tr[:1000], rows=rows, n_sigma=3.0) for rows in ROWS}
+    psum = {str(rows): {layer.name: round(layer.psum_rms, 3)
+                        for layer in simulate(im, x_tr[:1000], rows=rows)[1].layers} for rows in ROWS}
+
+    adc: dict[str, Any] = {}
+    for rows in ROWS:
+        for window in ("full", "3rms"):
+            key = f"rows{rows}_{window}"
+            clip = None if window == "full" else calib[str(rows)]
+            accs, sat, agree = {}, {}, {}
+            for b in BITS:
+                out, s = simulate(im, x_te, rows=rows, adc_bits=b, adc_clip=clip)
+                accs[str(b)] = _acc(out, y_te)
+                agree[str(b)] = _agree(out, ideal)
+                sat[str(b)] = round(sum(layer.saturations for layer in s.layers) / s.adc_conversions, 5)
+            accs["ideal"] = _acc(ideal, y_te)
+            adc[key] = {"rows": rows, "window": window, "accuracy": accs, "agreement_with_ideal": agree,
+                        "saturation_rate": sat}
+            log(f"[adc] {key}: " + " ".join(f"{k}:{v}" for k, v in accs.items()))
+
+    phases["adc_sweep"] = time.perf_counter() - tp
+    tp = time.perf_counter()
+    ber: dict[str, Any] = {}
+    for label, bits, clip in (("ideal ADC", None, None), ("3-bit ADC, 3-RMS window", 3, calib["128"])):
+        res = {}
+        for q in BERS:
+            vals, flips, agree = [], [], []
+            for sd in range(seeds if q > 0 else 1):
+                out, s = simulate(im, x_te, rows=128, adc_bits=bits, adc_clip=clip, bit_error_rate=q, seed=sd)
+                vals.append(_acc(out, y_te))
+                agree.append(_agree(out, ideal))
+                flips.append(s.flipped_bits)
+            res[str(q)] = {"mean": round(sum(vals) / len(vals), 4), "min": min(vals), "max": max(vals),
+                           "seeds": len(vals), "mean_flipped_bits": sum(flips) / len(flips),
+                           "agreement_with_ideal": round(sum(agree) / len(agree), 4)}
+        ber[label] = res
+        log(f"[ber] {label}: " + " ".join(f"{k}:{v['mean']}" for k, v in res.items()))
+    phases["ber_sweep"] = time.perf_counter() - tp
+    return {
+        "experiment": "crossbar_mnist",
+        "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
+        "data": {"dataset": "MNIST official test set (t10k), kdengine.data.load_mnist",
+                 "split": f"seeded permutation: {len(x_tr)} train / {len(x_te)} test", "seed": seed},
+        "model": {"architecture": f"Flatten | Linear(784,{hidden}) BN | BinaryLinear({hidden},{hidden}, both) BN "
+                                  f"| BinaryLinear({hidden},{hidden}, both) BN | Linear({hidden},10)",
+                  "epochs": epochs, "optimizer": "Adam lr 5e-3, cosine decay, batch 128", **train,
+                  "trained_test_accuracy": trained_acc},
+        "runtime": runtime,
+        "crossbar": {
+            "ideal_equals_packed_kernels": exact,
+            "adc_model": "per tile: window [-c, c], c = tile rows (full) or min(3 x RMS of the layer's "
+                         "partial sums on 1,000 training images, tile rows); 2^b levels including both ends, "
+                         "round half to even, clamp = saturation; tiles summed digitally",
+            "adc_windows_3rms": calib,
+            "partial_sum_rms": psum,
+            "counts": counts,
+            "accuracy_vs_adc_bits": adc,
+            "accuracy_vs_bit_error_rate": ber,
+        },
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _markdown(res: dict) -> str:
@@ -293,7 +292,8 @@ QUICK = dict(epochs=1, hidden=128, seeds=1)
 
 
 @register("crossbar_mnist", "binary MLP on simulated XNOR crossbars: accuracy vs ADC bits and stored-bit "
-                            "error rate", minutes=2, quick_minutes=0.1, seeds=(0,), record_subdir="")
+                            "error rate", minutes=2, quick_minutes=0.1,
+          seeds=(0,), record_subdir="", threads=2)
 def entry(args: ReproArgs) -> dict:
     clock = RunClock()
     res = clock.stamp(run(seed=args.seeds[0], **(QUICK if args.quick else {})))

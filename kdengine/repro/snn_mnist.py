@@ -49,7 +49,7 @@ from kdengine.data import load_mnist
 from kdengine.models import snn_cnn
 from kdengine.nn import binarize_model
 from kdengine.repro import ReproArgs, register
-from kdengine.repro.common import RunClock, fit_adam_steps, torch_threads
+from kdengine.repro.common import RunClock, fit_adam_steps
 from kdengine.repro.results import pyplot, save_figure, to_json, write_files
 from kdengine.snn import (
     calibrate,
@@ -92,7 +92,6 @@ def run(
     quick: bool = False,
     *,
     seed: int = 0,
-    threads: int = 2,
     width: int = 16,
     hidden: int = 128,
     lr: float = 1e-2,
@@ -122,59 +121,58 @@ def run(
             if quick else
             dict(percentiles=(99.9, 99.99, 100.0), scales=(0.8, 1.0), init_potentials=(0.0, 0.5)))
     t_all, c_all = time.perf_counter(), time.process_time()
-    with torch_threads(threads):
-        x8k, y8k = load_mnist("train", seed=seed)
-        x_te, y_te = load_mnist("test", seed=seed)
-        x_fit, y_fit = x8k[:7000], y8k[:7000]
-        x_val, y_val = x8k[7000:], y8k[7000:]
-        x_cal = x_fit[:1000]
-        x_t, y_t = x_te[:n_test], y_te[:n_test]
-        out: dict[str, Any] = {
-            "experiment": "snn_mnist",
-            "data": {
-                "dataset": "MNIST official test set (t10k, 10,000 images; LeCun, Cortes, Burges; CC BY-SA 3.0)",
-                "split": ("kdengine.data.load_mnist seeded permutation 8000/2000; of the 8000: first "
-                          "7000 train the ANNs (first 1000 of them calibrate the conversion), last "
-                          "1000 = held-out split for the latency tuning; the 2000 test images are "
-                          "used only for reporting"),
-                "seed": seed,
-                "n_fit": len(x_fit), "n_calibration": len(x_cal), "n_heldout": len(x_val),
-                "n_test_ann": len(x_te), "n_test_snn": len(x_t),
-                "heldout_used": {"scaling_search": n_search, "early_exit_tuning": n_ee},
-            },
-            "config": {"quick": quick, "width": width, "hidden": hidden, "epochs": epochs,
-                       "finetune_epochs": finetune_epochs, "lr": lr, "batch": BATCH, "threads": threads,
-                       "t_max": t_max, "t_search": t_search, "t_ref": t_ref,
-                       "ee_val_loss": ee_val_loss, "ee_val_flip": ee_val_flip, "search_grid": grid,
-                       "encoding": "direct", "percentile_baseline": 99.9},
-            "models": {},
-        }
-        torch.manual_seed(seed)
-        fmodel = snn_cnn(width, hidden)
-        log("[float ANN]")
-        ftrain = fit_adam_steps(fmodel, x_fit, y_fit, epochs=epochs, lr=lr, seed=seed, binary=False, log=log)
-        fmodel.eval()
-        log("[binary-weight ANN, fine-tuned from the float weights]")
-        bmodel = binarize_model(fmodel, mode="weights")
-        btrain = fit_adam_steps(bmodel, x_fit, y_fit, epochs=finetune_epochs, lr=lr, seed=seed + 7,
-                                binary=True, log=log)
-        bmodel.eval()
-        # warm-up: the first call of the native ops loads (or builds) their library; keep that
-        # out of the timed SNN runs
-        t0 = time.perf_counter()
-        for mdl in (fmodel, bmodel):
-            run_snn(convert(mdl, x_cal[:16]), x_cal[:16], 2)
-        out["warmup_seconds"] = round(time.perf_counter() - t0, 2)
-        for name, model, tr in (("float", fmodel, ftrain), ("binary", bmodel, btrain)):
-            out["models"][name] = _snn_study(
-                name, model, tr, x_cal, x_val, y_val, x_te, y_te, x_t, y_t,
-                t_max=t_max, t_search=t_search, t_ref=t_ref, n_search=n_search, n_ee=n_ee,
-                grid=grid, ee_val_loss=ee_val_loss, ee_val_flip=ee_val_flip, log=log,
-                n_poisson=(0 if quick else 500) if name == "float" else 0)
-        out["wall_seconds"] = round(time.perf_counter() - t_all, 1)
-        out["cpu_seconds"] = round(time.process_time() - c_all, 1)
-        out["goals"] = _goals(out)
-        return out
+    x8k, y8k = load_mnist("train", seed=seed)
+    x_te, y_te = load_mnist("test", seed=seed)
+    x_fit, y_fit = x8k[:7000], y8k[:7000]
+    x_val, y_val = x8k[7000:], y8k[7000:]
+    x_cal = x_fit[:1000]
+    x_t, y_t = x_te[:n_test], y_te[:n_test]
+    out: dict[str, Any] = {
+        "experiment": "snn_mnist",
+        "data": {
+            "dataset": "MNIST official test set (t10k, 10,000 images; LeCun, Cortes, Burges; CC BY-SA 3.0)",
+            "split": ("kdengine.data.load_mnist seeded permutation 8000/2000; of the 8000: first "
+                      "7000 train the ANNs (first 1000 of them calibrate the conversion), last "
+                      "1000 = held-out split for the latency tuning; the 2000 test images are "
+                      "used only for reporting"),
+            "seed": seed,
+            "n_fit": len(x_fit), "n_calibration": len(x_cal), "n_heldout": len(x_val),
+            "n_test_ann": len(x_te), "n_test_snn": len(x_t),
+            "heldout_used": {"scaling_search": n_search, "early_exit_tuning": n_ee},
+        },
+        "config": {"quick": quick, "width": width, "hidden": hidden, "epochs": epochs,
+                   "finetune_epochs": finetune_epochs, "lr": lr, "batch": BATCH, "threads": torch.get_num_threads(),
+                   "t_max": t_max, "t_search": t_search, "t_ref": t_ref,
+                   "ee_val_loss": ee_val_loss, "ee_val_flip": ee_val_flip, "search_grid": grid,
+                   "encoding": "direct", "percentile_baseline": 99.9},
+        "models": {},
+    }
+    torch.manual_seed(seed)
+    fmodel = snn_cnn(width, hidden)
+    log("[float ANN]")
+    ftrain = fit_adam_steps(fmodel, x_fit, y_fit, epochs=epochs, lr=lr, seed=seed, binary=False, log=log)
+    fmodel.eval()
+    log("[binary-weight ANN, fine-tuned from the float weights]")
+    bmodel = binarize_model(fmodel, mode="weights")
+    btrain = fit_adam_steps(bmodel, x_fit, y_fit, epochs=finetune_epochs, lr=lr, seed=seed + 7,
+                            binary=True, log=log)
+    bmodel.eval()
+    # warm-up: the first call of the native ops loads (or builds) their library; keep that
+    # out of the timed SNN runs
+    t0 = time.perf_counter()
+    for mdl in (fmodel, bmodel):
+        run_snn(convert(mdl, x_cal[:16]), x_cal[:16], 2)
+    out["warmup_seconds"] = round(time.perf_counter() - t0, 2)
+    for name, model, tr in (("float", fmodel, ftrain), ("binary", bmodel, btrain)):
+        out["models"][name] = _snn_study(
+            name, model, tr, x_cal, x_val, y_val, x_te, y_te, x_t, y_t,
+            t_max=t_max, t_search=t_search, t_ref=t_ref, n_search=n_search, n_ee=n_ee,
+            grid=grid, ee_val_loss=ee_val_loss, ee_val_flip=ee_val_flip, log=log,
+            n_poisson=(0 if quick else 500) if name == "float" else 0)
+    out["wall_seconds"] = round(time.perf_counter() - t_all, 1)
+    out["cpu_seconds"] = round(time.process_time() - c_all, 1)
+    out["goals"] = _goals(out)
+    return out
 
 
 def _snn_study(name, model, train_stats, x_cal, x_val, y_val, x_te, y_te, x_t, y_t, *, t_max,
@@ -454,7 +452,8 @@ def _figure(res: dict) -> Any:
 
 
 @register("snn_mnist", "float and binary-weight CNNs converted to SNNs: accuracy vs time steps, scaling "
-                       "search and early exit", minutes=3, quick_minutes=0.5, seeds=(0,), record_subdir="")
+                       "search and early exit", minutes=3, quick_minutes=0.5,
+          seeds=(0,), record_subdir="", threads=2)
 def entry(args: ReproArgs) -> dict:
     clock = RunClock()
     res = run(args.quick, seed=args.seeds[0])
