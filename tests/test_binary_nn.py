@@ -469,7 +469,7 @@ def test_nn_and_snn_import_without_a_cycle(first):
 @pytest.mark.slow
 def test_binary_mnist_experiment_smoke():
     """One epoch of the two binary variants: well above chance, packed == trained, 1 bit/weight."""
-    from kdengine.experiments.binary_mnist import run
+    from kdengine.repro.binary_mnist import run
 
     res = run(seed=0, epochs=1, quiet=True, variants=("weights", "both"))
     assert res["data"]["n_train"] == 8000 and res["data"]["n_test"] == 2000

@@ -291,7 +291,7 @@ def test_repro_registry_and_result_files(tmp_path, capsys):
     assert "tinf" in capsys.readouterr().out
     assert repro.main(["no-such-repro"]) == 2
 
-    @repro.register("_test_dummy", "a test entry")
+    @repro.register("_test_dummy", "a test entry", minutes=0.1, quick_minutes=0.1)
     def _dummy(args: repro.ReproArgs) -> dict:
         rows = [{"dataset": "d", "method": m, "seed": s, "test_acc": acc + 0.01 * s}
                 for s in args.seeds for m, acc in (("kd", 0.90), ("new", 0.85))]
@@ -313,3 +313,64 @@ def test_repro_registry_and_result_files(tmp_path, capsys):
     assert payload["seeds"] == [0, 2] and len(payload["rows"]) == 4
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
     assert mean_std([5.0]) == (5.0, 0.0)
+
+
+# --------------------------------------------------------------------------- fit (the shared loop)
+
+
+def test_fit_is_seeded_and_equals_the_hand_wired_distiller():
+    """fit(schedule="step") is the Distiller with Adam and per-step cosine decay, nothing more:
+    same weights as wiring them by hand; the lr ends at 0; another seed gives other weights."""
+    import math as _m
+
+    from kdengine.train import fit
+
+    x, y = _data()
+    cache = _teacher_logits(x)
+    losses = {"ce": (0.4, CrossEntropyTerm()), "kd": (0.6, KDTerm(3.0))}
+    a = _student(1)
+    r = fit(a, (x, y), losses, teacher=cache, epochs=3, lr=1e-2, schedule="step", batch_size=32, seed=4,
+            test=(x, y))
+    b = _student(1)
+    opt = torch.optim.Adam(b.parameters(), lr=1e-2)
+    steps = 3 * _m.ceil(len(x) / 32)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + _m.cos(_m.pi * min(s, steps) / steps)))
+    d = Distiller(b, opt, losses, teacher=cache, scheduler=sched, scheduler_interval="step", batch_size=32,
+                  seed=4, progress=False)
+    h = d.fit((x, y), 3)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    assert r["steps"] == steps == h[-1]["step"] and r["loss"] == h[-1]["loss"]
+    assert r["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert r["test_acc"] == d.evaluate((x, y)) and set(r["last_epoch"]) == {"loss", "ce", "kd", "train_acc"}
+    assert not a.training
+    c = _student(1)
+    fit(c, (x, y), losses, teacher=cache, epochs=3, lr=1e-2, schedule="step", batch_size=32, seed=5)
+    assert not torch.equal(c[0].weight, a[0].weight)
+
+
+def test_fit_binary_clips_and_calls_on_step():
+    from kdengine.nn import binarize_model
+    from kdengine.train import fit
+
+    x, y = _data()
+    torch.manual_seed(0)
+    m = binarize_model(nn.Sequential(nn.Linear(D_IN, 16), nn.BatchNorm1d(16), nn.Linear(16, 16),
+                                     nn.BatchNorm1d(16), nn.Linear(16, C)), mode="both")
+    with torch.no_grad():
+        m[2].weight.mul_(10.0)     # latent weights well outside [-1, 1]: training alone keeps them there
+    ticks = []
+    r = fit(m, (x, y), epochs=2, lr=0.5, optimizer="sgd", batch_size=32, seed=0, binary=True,
+            on_step=lambda: ticks.append(1))
+    assert len(ticks) == r["steps"] == 2 * 7
+    latent = [p for n, p in m.named_parameters() if n.startswith("2.") and n.endswith("weight")]
+    assert latent and all(float(p.detach().abs().max()) <= 1.0 for p in latent)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(optimizer="rmsprop"), "optimizer"), (dict(schedule="linear"), "schedule")])
+def test_fit_names_a_bad_recipe(kw, match):
+    from kdengine.train import fit
+
+    x, y = _data(20)
+    with pytest.raises(ValueError, match=match):
+        fit(_student(0), (x, y), epochs=1, lr=0.1, **kw)

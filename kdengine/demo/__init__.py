@@ -20,10 +20,11 @@ Stages (one progress bar each; wall time of each in the report):
 6. **report** — one table (teacher / students / packed runtime / crossbar / SNN: accuracy, batch-1
    latency, size, time steps), ``demo.json``, ``demo.md``, ``demo.png`` under ``--out``.
 
-Modules: :mod:`~kdengine.demo.config` (settings, presets), :mod:`~kdengine.demo.models`,
-:mod:`~kdengine.demo.train`, :mod:`~kdengine.demo.runtime`, :mod:`~kdengine.demo.spiking`,
-:mod:`~kdengine.demo.inmemory`, :mod:`~kdengine.demo.report`, :mod:`~kdengine.demo.progress`,
-:mod:`~kdengine.demo.pipeline` (wires them), :mod:`~kdengine.demo.command` (the CLI).
+Modules: :mod:`~kdengine.demo.config` (settings, presets), :mod:`~kdengine.demo.runtime`,
+:mod:`~kdengine.demo.spiking`, :mod:`~kdengine.demo.inmemory`, :mod:`~kdengine.demo.report`,
+:mod:`~kdengine.demo.progress`, :mod:`~kdengine.demo.pipeline` (wires them, trains through
+:func:`kdengine.train.fit`), :mod:`~kdengine.demo.command` (the CLI). The networks are
+:mod:`kdengine.models`; the result files go through :mod:`kdengine.repro.results` (atomic writes).
 """
 from kdengine.demo.config import DemoConfig, make_config
 from kdengine.demo.pipeline import DEFAULT_OUT, STAGES, run

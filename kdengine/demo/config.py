@@ -101,50 +101,48 @@ _INTS_POS = ("threads", "n_fit", "n_heldout", "n_calib", "n_test", "n_test_snn",
              "t_search", "t_ref", "n_search", "xbar_rows", "xbar_adc_bits", "xbar_seeds", "n_test_xbar_sweep")
 
 
+def _check_int(cfg: DemoConfig, name: str, minimum: int) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+
+
+def _check_real(cfg: DemoConfig, name: str, ok: Any, what: str) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(v):
+        raise ValueError(f"{name} must be {what}, got {v!r}")
+
+
+def _check_at_most(cfg: DemoConfig, name: str, bound: int, bound_name: str) -> None:
+    if getattr(cfg, name) > bound:
+        raise ValueError(f"{name} must be <= {bound_name} ({bound}), got {getattr(cfg, name)}")
+
+
 def _check(cfg: DemoConfig) -> DemoConfig:
     for name in _INTS_POS:
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if v < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
+        _check_int(cfg, name, 1)
     for name in ("seed", "split_seed"):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if v < 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
+        _check_int(cfg, name, 0)
     for name in ("quick", "ce_baseline"):
         if not isinstance(getattr(cfg, name), bool):
             raise TypeError(f"{name} must be a bool, got {type(getattr(cfg, name)).__name__}")
     if cfg.n_fit + cfg.n_heldout > N_TRAIN_PART:
         raise ValueError(f"n_fit + n_heldout must be <= {N_TRAIN_PART} (the train part of the split), "
                          f"got {cfg.n_fit} + {cfg.n_heldout}")
-    if cfg.n_calib > cfg.n_fit:
-        raise ValueError(f"n_calib must be <= n_fit ({cfg.n_fit}), got {cfg.n_calib}")
-    if cfg.n_search > cfg.n_heldout:
-        raise ValueError(f"n_search must be <= n_heldout ({cfg.n_heldout}), got {cfg.n_search}")
+    _check_at_most(cfg, "n_calib", cfg.n_fit, "n_fit")
+    _check_at_most(cfg, "n_search", cfg.n_heldout, "n_heldout")
     for name in ("n_test", "n_test_snn"):
-        if getattr(cfg, name) > N_TEST_PART:
-            raise ValueError(f"{name} must be <= {N_TEST_PART} (the test part of the split), got {getattr(cfg, name)}")
-    if cfg.n_test_xbar_sweep > cfg.n_test:
-        raise ValueError(f"n_test_xbar_sweep must be <= n_test ({cfg.n_test}), got {cfg.n_test_xbar_sweep}")
-    if cfg.n_test_snn > cfg.n_test:
-        raise ValueError(f"n_test_snn must be <= n_test ({cfg.n_test}), got {cfg.n_test_snn}")
-    if cfg.snn_latency_images > cfg.n_test_snn:
-        raise ValueError(f"snn_latency_images must be <= n_test_snn ({cfg.n_test_snn}), got {cfg.snn_latency_images}")
-    if cfg.t_ref > cfg.t_max:
-        raise ValueError(f"t_ref (early-exit cap) must be <= t_max ({cfg.t_max}), got {cfg.t_ref}")
+        _check_at_most(cfg, name, N_TEST_PART, "the test part of the split")
+    _check_at_most(cfg, "n_test_xbar_sweep", cfg.n_test, "n_test")
+    _check_at_most(cfg, "n_test_snn", cfg.n_test, "n_test")
+    _check_at_most(cfg, "snn_latency_images", cfg.n_test_snn, "n_test_snn")
+    _check_at_most(cfg, "t_ref", cfg.t_max, "t_max (t_ref is the early-exit cap)")
     for name in ("teacher_lr", "student_lr", "snn_student_lr", "temperature"):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):
-            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    for name in ("kd_weight", "ee_max_loss", "ee_max_flip"):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1:
-            raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
-    if isinstance(cfg.xbar_ber, bool) or not isinstance(cfg.xbar_ber, numbers.Real) or not 0 <= cfg.xbar_ber <= 1:
-        raise ValueError(f"xbar_ber must be a number in [0, 1], got {cfg.xbar_ber!r}")
+        _check_real(cfg, name, lambda v: 0 < v < float("inf"), "a finite number > 0")
+    for name in ("kd_weight", "ee_max_loss", "ee_max_flip", "xbar_ber"):
+        _check_real(cfg, name, lambda v: 0 <= v <= 1, "a number in [0, 1]")
     for name in ("search_percentiles", "search_scales", "search_init_potentials", "xbar_bits_sweep",
                  "xbar_ber_sweep"):
         v = getattr(cfg, name)

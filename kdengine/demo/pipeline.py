@@ -6,26 +6,58 @@ times them and assembles the result dict that :mod:`kdengine.demo.report` turns 
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 import time
 from typing import Any, Optional
 
 import torch
+from torch import Tensor, nn
 
+from kdengine import models
 from kdengine.data import load_mnist
-from kdengine.demo import models
 from kdengine.demo.config import N_TRAIN_PART, DemoConfig, make_config
 from kdengine.demo.inmemory import crossbar_bar_total, run_crossbar_stage
 from kdengine.demo.progress import Stages
 from kdengine.demo.runtime import eager_fn, fp32_bytes, measure_latency, pack_and_load
 from kdengine.demo.spiking import run_snn_stage, snn_bar_total
-from kdengine.demo.train import fit, steps_for, teacher_cache
+from kdengine.repro.results import write_file, write_files
+from kdengine.train import CrossEntropyTerm, KDTerm, fit, predict_logits
 
 __all__ = ["run", "STAGES", "DEFAULT_OUT"]
 
 STAGES = ["setup", "teacher", "distill", "runtime", "snn", "crossbar", "report"]
 DEFAULT_OUT = "kdengine-demo"
+
+
+def steps_for(n: int, batch: int, epochs: int) -> int:
+    """Optimizer steps of a run (for the progress bar's total)."""
+    return epochs * math.ceil(n / batch)
+
+
+def _train(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float, batch: int, seed: int,
+           bar: Any, teacher_logits: Optional[Tensor] = None, temperature: float = 4.0,
+           kd_weight: float = 0.5, binary: bool = False) -> dict:
+    """One demo training run (:func:`kdengine.train.fit`: Adam, cosine decay per step to 0, binary
+    latent weights clipped after every step); with ``teacher_logits`` ``(N, C)`` aligned with ``x``
+    the loss is ``kd_weight * kd_loss(T) + (1 - kd_weight) * CE``, else CE alone. Returns a
+    JSON-ready summary."""
+    if teacher_logits is None:
+        losses: Any = [CrossEntropyTerm()]
+        loss_desc = "cross-entropy"
+    else:
+        losses = {"ce": (1.0 - kd_weight, CrossEntropyTerm()), "kd": (kd_weight, KDTerm(temperature))}
+        loss_desc = f"{kd_weight:g} * kd_loss(T={temperature:g}) + {1 - kd_weight:g} * CE"
+    r = fit(model, (x, y), losses, teacher=teacher_logits, epochs=epochs, lr=lr, optimizer="adam",
+            schedule="step", batch_size=batch, seed=seed, binary=binary, on_step=lambda: bar.update(1))
+    return {
+        "loss": loss_desc, "epochs": epochs, "steps": r["steps"], "lr": lr, "batch": batch,
+        "optimizer": "Adam, cosine decay per step to 0",
+        "last_epoch": {k: round(float(v), 4) for k, v in r["last_epoch"].items()},
+        "seconds": round(r["time_s"], 2), "cpu_seconds": round(r["cpu_s"], 2),
+    }
 
 
 def _acc(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -132,9 +164,10 @@ def run(quick: bool = False, *, out: Optional[str] = DEFAULT_OUT, progress: bool
         # ---- 1. teacher
         teacher = models.teacher_net(cfg.teacher_width, cfg.teacher_hidden, cfg.seed)
         with stages.stage("teacher", total=steps_for(len(x_fit), cfg.batch, cfg.teacher_epochs)) as bar:
-            tr = fit(teacher, x_fit, y_fit, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, batch=cfg.batch,
+            tr = _train(teacher, x_fit, y_fit, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, batch=cfg.batch,
                      seed=cfg.seed, bar=bar)
-            cache = teacher_cache(teacher, x_fit)
+            # the frozen teacher's logits, computed once and shared by every student
+            cache = predict_logits(teacher, x_fit, batch_size=1000)
             t_acc = _acc(teacher, x_te, y_te)
             bar.set_postfix_str(f"test acc {t_acc:.4f}")
         res["teacher"] = {"architecture": f"vgg_relu(width={cfg.teacher_width}, hidden={cfg.teacher_hidden})",
@@ -145,7 +178,7 @@ def run(quick: bool = False, *, out: Optional[str] = DEFAULT_OUT, progress: bool
         with stages.stage("distill", total=sum(steps_for(len(x_fit), cfg.batch, e) for e in n_runs)) as bar:
             kd = dict(teacher_logits=cache, temperature=cfg.temperature, kd_weight=cfg.kd_weight)
             student = models.xnor_student(cfg.student_width, cfg.student_hidden, cfg.seed + 1)
-            s_tr = fit(student, x_fit, y_fit, epochs=cfg.student_epochs, lr=cfg.student_lr, batch=cfg.batch,
+            s_tr = _train(student, x_fit, y_fit, epochs=cfg.student_epochs, lr=cfg.student_lr, batch=cfg.batch,
                        seed=cfg.seed + 1, bar=bar, binary=True, **kd)
             s_acc = _acc(student, x_te, y_te)
             res["student"] = {"architecture": f"vgg_bn_sign(width={cfg.student_width}, hidden={cfg.student_hidden}) "
@@ -155,7 +188,7 @@ def run(quick: bool = False, *, out: Optional[str] = DEFAULT_OUT, progress: bool
             bar.set_postfix_str(post[0])
             if cfg.ce_baseline:
                 ce = models.xnor_student(cfg.student_width, cfg.student_hidden, cfg.seed + 1)
-                c_tr = fit(ce, x_fit, y_fit, epochs=cfg.student_epochs, lr=cfg.student_lr, batch=cfg.batch,
+                c_tr = _train(ce, x_fit, y_fit, epochs=cfg.student_epochs, lr=cfg.student_lr, batch=cfg.batch,
                            seed=cfg.seed + 1, bar=bar, binary=True)
                 res["student_ce"] = {"train": c_tr, "test_accuracy": _acc(ce, x_te, y_te),
                                      "state_bytes": fp32_bytes(ce)}
@@ -163,7 +196,7 @@ def run(quick: bool = False, *, out: Optional[str] = DEFAULT_OUT, progress: bool
                 bar.set_postfix_str(", ".join(post))
                 del ce
             snn_ann = models.snn_student(cfg.student_width, cfg.student_hidden, cfg.seed + 2)
-            a_tr = fit(snn_ann, x_fit, y_fit, epochs=cfg.snn_student_epochs, lr=cfg.snn_student_lr,
+            a_tr = _train(snn_ann, x_fit, y_fit, epochs=cfg.snn_student_epochs, lr=cfg.snn_student_lr,
                        batch=cfg.batch, seed=cfg.seed + 2, bar=bar, binary=True, **kd)
             res["snn_student"] = {"architecture": f"snn_cnn(width={cfg.student_width}, hidden={cfg.student_hidden}) "
                                                   "binarized mode='weights' (first conv, last fc full precision)",
@@ -217,7 +250,7 @@ def run(quick: bool = False, *, out: Optional[str] = DEFAULT_OUT, progress: bool
             res["table"] = report.table_rows(res)
             if out is not None:
                 png = os.path.join(out_dir, "demo.png")
-                why = report.write_plot(res, png)
+                why = write_file(png, lambda tmp: report.write_plot(res, tmp))
                 res["files"] = [os.path.basename(p) for p in ("demo.json", "demo.md")] + (
                     ["demo.png"] if why is None else []) + [res["runtime"]["file"]]
                 if why is not None:
@@ -228,7 +261,7 @@ def run(quick: bool = False, *, out: Optional[str] = DEFAULT_OUT, progress: bool
         res["wall_seconds"] = round(time.perf_counter() - t_all, 1)
         res["cpu_seconds"] = round(time.process_time() - c_all, 1)
         if out is not None:
-            report.write_text(res, out_dir)
+            write_files(out_dir, {"demo.json": json.dumps(res, indent=1), "demo.md": report.markdown(res)})
         return res
     finally:
         torch.set_num_threads(old_threads)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdengine.methods.london import FeatureHooks
-from kdengine.ops.kd_loss import kd_loss
+from kdengine.ops import kd_loss
 
 __all__ = ["factor_normalize", "inheritance_loss", "exploration_loss", "FactorAutoEncoder",
            "train_autoencoder", "ChannelSplit", "IEKD", "IEDML"]

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 import kdengine
 from kdengine.losses import logits_matching_loss
+from kdengine.models import logit_layer
 
 
 def _check_pair(z: Tensor, v: Tensor) -> None:
@@ -116,16 +117,6 @@ def class_mean(layer: nn.Linear) -> tuple[Tensor, Optional[Tensor]]:
     return w, b
 
 
-def _final_linear(model: nn.Module) -> nn.Linear:
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    if last is None:
-        raise ValueError("model has no nn.Linear logit layer")
-    return last
-
-
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]   # (student_logits, teacher_logits, labels)
 
 
@@ -165,7 +156,7 @@ def conservation_run(
     (1 - lr wd)^steps * initial (plain SGD without momentum; None otherwise),
     "w_norm": |initial mean row|_max, "loss_first", "loss_last"}``.
     """
-    layer = _final_linear(model)
+    layer = logit_layer(model)
     w0, b0 = class_mean(layer)
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
@@ -242,7 +233,7 @@ def tracking_run(
     v = teacher_logits.detach()
     target = float(v.mean())
     if equal_mean:
-        kdengine.equal_mean_init_(_final_linear(s0), target_mean=target)
+        kdengine.equal_mean_init_(logit_layer(s0), target_mean=target)
     px = x if probe is None else probe
     mse = _train_copy(s0, x, v, lambda z, t: logits_matching_loss(z, t), steps, lr)
     with torch.no_grad():

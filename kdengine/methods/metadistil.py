@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value
 
-from kdengine.ops.kd_loss import kd_loss
+from kdengine.ops import kd_loss
 
 __all__ = ["quiz_split", "student_objective", "pilot_update", "quiz_loss_after_pilot",
            "meta_gradient", "MetaDistil"]

@@ -44,7 +44,9 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from kdengine.models import logit_layer  # noqa: F401  (the last nn.Linear; feeds class_similarity)
 
 VARIANTS = ("ce", "ls", "kd", "pt", "sim", "pt+sim")
 
@@ -259,14 +261,3 @@ def make_terms(variant: str, *, alpha: float = 0.5, num_classes: int, eps: float
     # smoothing is then the standard one (effective eps = a * eps), and T only softens teacher logits
     t_student = temperature if variant in ("kd", "pt", "pt+sim") else 1.0
     return [(1.0 - a, CrossEntropyTerm()), (a, SoftTargetTerm(fn, temperature=t_student, name=variant))]
-
-
-def logit_layer(model: nn.Module) -> nn.Linear:
-    """The last nn.Linear of ``model`` (whose weight rows feed :func:`class_similarity`)."""
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    if last is None:
-        raise ValueError("model has no nn.Linear logit layer")
-    return last

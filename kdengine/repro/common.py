@@ -1,5 +1,6 @@
-"""Shared helpers of the reproductions: data, small models, training through the Distiller,
-mean +- std over seeds, and the result files (JSON + markdown table + PNG plot).
+"""Shared helpers of the reproductions: data, training (:func:`kdengine.train.fit`), mean +- std
+over seeds, and the result files (JSON + markdown table + PNG plot, written by
+:mod:`kdengine.repro.results`). The networks are :mod:`kdengine.models`.
 
 Result files, for a reproduction ``name`` in ``out_dir``:
 
@@ -11,8 +12,8 @@ Result files, for a reproduction ``name`` in ``out_dir``:
 from __future__ import annotations
 
 import datetime
-import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -21,8 +22,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from kdengine.train import Distiller, evaluate, predict_logits
-from kdengine.train.checkpoint import atomic_write_bytes, atomic_write_text
+from kdengine.repro.results import pyplot, save_figure, to_json, write_files
+from kdengine.train import evaluate, fit, predict_logits
 
 # --------------------------------------------------------------------------- data
 
@@ -43,100 +44,77 @@ def mnist_note(seed: int = 0, n_train: int = 8000) -> str:
             "the 60k training set is not used")
 
 
-# --------------------------------------------------------------------------- models
+# --------------------------------------------------------------------------- setup and training
 
 
-def mlp(in_dim: int, hidden: Sequence[int], n_classes: int, *, dropout: float = 0.0) -> nn.Sequential:
-    """Flatten -> [Linear -> ReLU (-> Dropout)] * len(hidden) -> Linear(n_classes).
-
-    The last module is the logit layer (an ``nn.Linear``; see :func:`final_linear`)."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    d = in_dim
-    for h in hidden:
-        layers += [nn.Linear(d, h), nn.ReLU()]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        d = h
-    layers.append(nn.Linear(d, n_classes))
-    return nn.Sequential(*layers)
-
-
-def small_cnn(n_classes: int = 10, channels: Sequence[int] = (8, 16), hidden: int = 64,
-              in_channels: int = 1, image_size: int = 28) -> nn.Sequential:
-    """A small MNIST CNN: [Conv3x3 -> ReLU -> MaxPool2] per entry of ``channels``, then
-    Flatten -> Linear(hidden) -> ReLU -> Linear(n_classes) (the logit layer, last)."""
-    layers: list[nn.Module] = []
-    c, s = in_channels, image_size
-    for ch in channels:
-        layers += [nn.Conv2d(c, ch, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-        c, s = ch, s // 2
-    layers += [nn.Flatten(), nn.Linear(c * s * s, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)]
-    return nn.Sequential(*layers)
+def mnist_setup(args: Any, full: Mapping[str, Any], quick: Mapping[str, Any],
+                quick_sizes: tuple[int, int] = (2000, 500)
+                ) -> tuple[Mapping[str, Any], tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """A reproduction's recipe and MNIST split: ``(cfg, train, test)``; ``cfg`` is ``quick`` for a
+    ``--quick`` run (which also keeps only the first ``quick_sizes`` = (train, test) images), else
+    ``full``; the split is ``mnist_split(cfg["split_seed"])``."""
+    cfg = quick if args.quick else full
+    (xtr, ytr), (xte, yte) = mnist_split(cfg["split_seed"])
+    if args.quick:
+        (ntr, nte) = quick_sizes
+        xtr, ytr, xte, yte = xtr[:ntr], ytr[:ntr], xte[:nte], yte[:nte]
+    return cfg, (xtr, ytr), (xte, yte)
 
 
-def final_linear(model: nn.Module) -> nn.Linear:
-    """The last ``nn.Linear`` of ``model`` (in module registration order): the logit layer."""
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    if last is None:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear logit layer")
-    return last
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-# --------------------------------------------------------------------------- training
-
-
-def train_model(
-    model: nn.Module,
-    train: tuple[Tensor, Tensor],
-    losses: Any,
-    *,
-    test: Optional[tuple[Tensor, Tensor]] = None,
-    teacher: nn.Module | Tensor | None = None,
-    epochs: int = 5,
-    lr: float = 0.05,
-    batch_size: int = 128,
-    seed: int = 0,
-    device: str = "cpu",
-    optimizer: str = "sgd",
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    cosine: bool = True,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Train ``model`` with the :class:`~kdengine.train.Distiller` and report accuracies.
-
-    Returns ``{"test_acc", "train_acc", "history", "time_s"}`` (accuracies in [0, 1]; train_acc is
-    the eval-mode accuracy on the whole training set at the end).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum,
-                                                     weight_decay=weight_decay)
-    elif optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1)) if cosine else None
-    t0 = time.perf_counter()
-    d = Distiller(model, opt, losses, teacher=teacher, scheduler=sched, device=device,
-                  batch_size=batch_size, seed=seed, progress=progress)
-    hist = d.fit(train, epochs, test=test)
-    out = {
-        "train_acc": evaluate(model, train, device=device),
-        "history": hist,
-        "time_s": time.perf_counter() - t0,
-    }
-    if test is not None:
-        out["test_acc"] = evaluate(model, test, device=device)
-    d.close()
+def train_model(model: nn.Module, train: tuple[Tensor, Tensor], losses: Any, *,
+                test: Optional[tuple[Tensor, Tensor]] = None, device: str = "cpu", **fit_kw: Any) -> dict[str, Any]:
+    """:func:`kdengine.train.fit` (cosine per epoch, SGD momentum 0.9 unless ``optimizer``) plus the
+    eval-mode accuracy on the whole training set at the end (``train_acc``, in [0, 1])."""
+    fit_kw.setdefault("optimizer", "sgd")
+    out = fit(model, train, losses, test=test, device=device, **fit_kw)
+    out["train_acc"] = evaluate(model, train, device=device)
     return out
+
+
+def fit_recipe(model: nn.Module, train: tuple[Tensor, Tensor], losses: Any, cfg: Mapping[str, Any],
+               seed: int, *, test: Optional[tuple[Tensor, Tensor]] = None, epochs_key: str = "student_epochs",
+               lr_key: str = "lr", **fit_kw: Any) -> dict[str, Any]:
+    """:func:`kdengine.train.fit` with a reproduction's recipe ``cfg`` (``cfg[epochs_key]`` epochs at
+    ``cfg[lr_key]``, ``cfg["optimizer"]`` (default SGD momentum 0.9), ``cfg["batch_size"]``, cosine
+    per epoch); ``fit_kw`` overrides. Returns ``time_s`` and, with ``test``, ``test_acc``."""
+    kw: dict[str, Any] = dict(epochs=cfg[epochs_key], lr=cfg[lr_key], optimizer=cfg.get("optimizer", "sgd"),
+                              batch_size=cfg["batch_size"], seed=seed, test=test)
+    kw.update(fit_kw)
+    r = fit(model, train, losses, **kw)
+    return {k: r[k] for k in ("test_acc", "time_s") if k in r}
+
+
+def fit_adam_steps(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float, seed: int,
+                   binary: bool, log: Callable[[str], Any] = print, batch_size: int = 128) -> dict[str, Any]:
+    """The MNIST experiments' recipe through :func:`kdengine.train.fit`: CE, Adam, cosine decay per
+    step to 0, batch 128; ``binary`` clips the latent weights after every step. Returns wall/CPU
+    seconds and the last epoch's mean training loss."""
+    r = fit(model, (x, y), epochs=epochs, lr=lr, optimizer="adam", schedule="step", batch_size=batch_size,
+            seed=seed, binary=binary)
+    for h in r["history"]:
+        log(f"  epoch {h['epoch']}/{epochs}: train loss {h['loss']:.4f}")
+    return {
+        "train_seconds": round(r["time_s"], 2),
+        # CPU time of this process: the compute cost, less sensitive than wall time to other
+        # jobs sharing the cores
+        "train_cpu_seconds": round(r["cpu_s"], 2),
+        "final_train_loss": round(r["loss"], 4),
+    }
+
+
+class RunClock:
+    """Wall/CPU time and load average of a whole run, stamped into its result dict."""
+
+    def __init__(self) -> None:
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        self.load0 = os.getloadavg()[0]
+
+    def stamp(self, res: dict[str, Any]) -> dict[str, Any]:
+        res["wall_seconds"] = round(time.perf_counter() - self.t0, 1)
+        res["cpu_seconds"] = round(time.process_time() - self.c0, 1)
+        res["load_average_1min"] = {"start": round(self.load0, 2), "end": round(os.getloadavg()[0], 2)}
+        res["machine"] = _machine()
+        return res
 
 
 def cached_logits(model: nn.Module, x: Tensor, device: str = "cpu") -> Tensor:
@@ -317,8 +295,6 @@ def write_results(
 
     Returns ``{"summary", "table", "paths"}``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows, group_by, metrics)
     machine = _machine()
     table = markdown_table(summary, group_by, metrics, labels=labels, scale=scale)
@@ -341,7 +317,21 @@ def write_results(
         md.append("")
     if extra_md:
         md += [extra_md, ""]
-    paths = {"json": out / f"{name}.json", "md": out / f"{name}.md"}
+    files: dict[str, Any] = {}
+    plt = pyplot() if plot else None
+    if plt is not None:
+        if callable(plot):
+            fig = plt.figure(figsize=(9, 4))
+            plot(fig, summary)
+        else:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            m0 = metrics[0]
+            default_bar_plot(ax, summary, group_by, m0, scale=(scale or {}).get(m0, 1.0),
+                             ylabel=(labels or {}).get(m0, m0))
+            ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        files[f"{name}.png"] = save_figure(fig)
+        md.append(f"![{name}]({name}.png)")
     payload = {
         "name": name, "title": title, "date": date, "machine": machine, "data": data_note,
         "setup": dict(setup or {}), "seeds": list(seeds) if seeds is not None else None,
@@ -349,43 +339,18 @@ def write_results(
         "summary": summary, "rows": [dict(r) for r in rows], "notes": list(notes),
         "extra_md": extra_md,
     }
-    if plot:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:  # plots are optional ([plot] extra)
-            plt = None
-        if plt is not None:
-            if callable(plot):
-                fig = plt.figure(figsize=(9, 4))
-                plot(fig, summary)
-            else:
-                fig, ax = plt.subplots(figsize=(7, 4))
-                m0 = metrics[0]
-                default_bar_plot(ax, summary, group_by, m0, scale=(scale or {}).get(m0, 1.0),
-                                 ylabel=(labels or {}).get(m0, m0))
-                ax.set_title(title, fontsize=9)
-            fig.tight_layout()
-            import io
-
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=110)
-            plt.close(fig)
-            paths["png"] = out / f"{name}.png"
-            atomic_write_bytes(paths["png"], buf.getvalue())
-            md.insert(len(md), f"![{name}]({name}.png)")
-    atomic_write_text(paths["json"], json.dumps(payload, indent=1, default=_json_default) + "\n")
-    atomic_write_text(paths["md"], "\n".join(md) + "\n")
-    return {"summary": summary, "table": table, "paths": {k: str(v) for k, v in paths.items()}}
+    files[f"{name}.json"] = to_json(payload)
+    files[f"{name}.md"] = "\n".join(md) + "\n"
+    written = write_files(out_dir, files)
+    paths = {n.rsplit(".", 1)[1]: p for n, p in written.items()}
+    return {"summary": summary, "table": table, "paths": paths}
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, Tensor):
-        return o.tolist()
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+def write_mnist_results(name: str, rows: Sequence[Mapping[str, Any]], args: Any, cfg: Mapping[str, Any],
+                        **kw: Any) -> dict[str, Any]:
+    """:func:`write_results` for a reproduction set up by :func:`mnist_setup`: into ``args.out_dir``,
+    grouped by dataset x method, with the split (and the ``--quick`` subset), the wall time since
+    ``args.started`` and the seeds filled in."""
+    note = mnist_note(cfg["split_seed"]) + (" (quick: 2000/500 subset)" if args.quick else "")
+    return write_results(name, rows, args.out_dir, group_by=("dataset", "method"), data_note=note,
+                         wall_s=time.perf_counter() - args.started, seeds=args.seeds, **kw)

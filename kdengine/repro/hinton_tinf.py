@@ -29,19 +29,10 @@ import torch
 import kdengine
 from kdengine.methods import logit_limit as L
 from kdengine.repro import ReproArgs, register
-from kdengine.repro.common import (
-    compare_to,
-    final_linear,
-    kd_backend,
-    mean_std,
-    mlp,
-    mnist_note,
-    mnist_split,
-    predict_logits,
-    small_cnn,
-    train_model,
-    write_results,
-)
+from kdengine.models import logit_layer
+from kdengine.models import mlp, small_cnn
+from kdengine.repro.common import (compare_to, kd_backend, mean_std, mnist_note, mnist_split, predict_logits,
+                                   summarize, train_model, write_results)
 from kdengine.train import CrossEntropyTerm, KDTerm, LogitsMatchingTerm
 
 TEACHER_SEED = 1000
@@ -72,18 +63,9 @@ def _student(seed: int, hidden: int) -> torch.nn.Module:
 
 
 @register("tinf", "KD as logits matching: 1/T gradient gap, conserved class mean, equal-mean init "
-                  "(MNIST; PAPERS.md section 1)")
+                  "(MNIST; PAPERS.md section 1)",
+          minutes=3.5, quick_minutes=0.4, threads=1)
 def run(args: ReproArgs) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny models: intra-op threads cost more than they give
-    try:
-        return _run(args, t_start)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(args: ReproArgs, t_start: float) -> dict[str, Any]:
     dev = args.device
     (xtr, ytr), (xte, yte) = mnist_split(seed=0, n_train=8000)
     if args.quick:
@@ -101,7 +83,7 @@ def _run(args: ReproArgs, t_start: float) -> dict[str, Any]:
     tr = train_model(teacher, (xtr, ytr), [CrossEntropyTerm()], test=(xte, yte),
                      epochs=cfg["teacher_epochs"], lr=0.05, batch_size=64, seed=TEACHER_SEED, device=dev)
     p_before = torch.softmax(predict_logits(teacher, xte[:256], device=dev), -1)
-    kdengine.equal_mean_init_(final_linear(teacher), target_mean=0.0)
+    kdengine.equal_mean_init_(logit_layer(teacher), target_mean=0.0)
     v_tr = predict_logits(teacher, xtr, device=dev).cpu()
     v_te = predict_logits(teacher, xte, device=dev).cpu()
     softmax_change = float((torch.softmax(v_te[:256], -1) - p_before.cpu()).abs().max())
@@ -116,7 +98,7 @@ def _run(args: ReproArgs, t_start: float) -> dict[str, Any]:
     for seed in args.seeds:
         # ---- gradient gap on real logits (float64)
         s = _student(seed, 64)
-        kdengine.equal_mean_init_(final_linear(s))
+        kdengine.equal_mean_init_(logit_layer(s))
         with torch.no_grad():
             z = s(xte[:n_probe]).double()
         gaps = L.gradient_gap(z, v_te[:n_probe].double(), GAP_TS)
@@ -145,13 +127,13 @@ def _run(args: ReproArgs, t_start: float) -> dict[str, Any]:
         # ---- accuracy
         for method in METHODS:
             st = _student(seed, 64)
-            kdengine.equal_mean_init_(final_linear(st))
-            w0, b0 = L.class_mean(final_linear(st))
+            kdengine.equal_mean_init_(logit_layer(st))
+            w0, b0 = L.class_mean(logit_layer(st))
             r = train_model(st, (xtr, ytr), _losses(method), test=(xte, yte),
                             teacher=None if method == METHODS[0] else v_tr,
                             epochs=cfg["student_epochs"], lr=cfg["student_lr"],
                             batch_size=cfg["batch_size"], seed=seed, device=dev)
-            w1, b1 = L.class_mean(final_linear(st))
+            w1, b1 = L.class_mean(logit_layer(st))
             drift = max(float((w1 - w0).abs().max()), float((b1 - b0).abs()))
             rows.append({"dataset": "MNIST", "method": method, "seed": seed,
                          "test_acc": r["test_acc"], "train_acc": r["train_acc"],
@@ -185,8 +167,6 @@ def _run(args: ReproArgs, t_start: float) -> dict[str, Any]:
         track_lines.append(f"| {label} | " + " | ".join(
             "{:.3g} ± {:.1g}".format(*mean_std([g[i] for g in track[eq]])) for i in range(len(TRACK_TS))) + " |")
     track_lines.append("")
-
-    from kdengine.repro.common import summarize
 
     summ = summarize(rows, ("dataset", "method"), ("test_acc",))
     notes = compare_to(summ, baseline=BASELINE)
@@ -227,7 +207,7 @@ def _run(args: ReproArgs, t_start: float) -> dict[str, Any]:
         ax3.set_ylim(lo - 1, max(means) + 1)
         ax3.set_title("MNIST student test acc (%)", fontsize=9)
 
-    wall = time.perf_counter() - t_start
+    wall = time.perf_counter() - args.started
     res = write_results(
         "tinf", rows, args.out_dir,
         title="KD as logits matching: the T -> inf limit (Chen, Wang, Chen 2021; PAPERS.md §1)",

@@ -27,14 +27,14 @@ from torch import Tensor
 from kdengine.methods.iekd import IEDML, IEKD, FactorAutoEncoder, train_autoencoder
 from kdengine.methods.london import FeatureHooks
 from kdengine.repro import ReproArgs, register
-from kdengine.repro.common import (compare_to, mnist_note, mnist_split, small_cnn, summarize,
-                                   write_results)
+from kdengine.models import small_cnn
+from kdengine.repro.common import compare_to, fit_recipe, mnist_setup, summarize, write_mnist_results
 from kdengine.repro.london import FULL as LONDON_FULL
-from kdengine.repro.london import fit_classifier, train_teacher
+from kdengine.repro.london import train_teacher
 from kdengine.train import CrossEntropyTerm, FunctionTerm, KDTerm, evaluate, predict_logits
 from kdengine.train.distiller import global_batches
 
-LAST_STAGE = "5"   # common.small_cnn: the MaxPool closing the second conv stage -> (N, C2, 7, 7)
+LAST_STAGE = "5"   # kdengine.models.small_cnn: the MaxPool closing the second conv stage -> (N, C2, 7, 7)
 
 FULL = dict(teacher=LONDON_FULL["teacher"], teacher_epochs=LONDON_FULL["teacher_epochs"],
             teacher_lr=LONDON_FULL["teacher_lr"], student=dict(channels=(4, 8), hidden=32),
@@ -85,14 +85,11 @@ def _train_pair(dml_kind: str, cfg: dict, train, test, seed: int) -> dict[str, A
 
 
 @register("iekd", "IE-KD inheritance/exploration KD and IE-DML vs vanilla KD / DML on MNIST "
-                 "(PAPERS.md section 6)")
+                 "(PAPERS.md section 6)",
+          minutes=5, quick_minutes=1.2)
 def run(args: ReproArgs) -> dict:
-    t_start = time.perf_counter()
-    cfg = QUICK if args.quick else FULL
-    (xtr, ytr), (xte, yte) = mnist_split(cfg["split_seed"])
-    if args.quick:
-        xtr, ytr, xte, yte = xtr[:2000], ytr[:2000], xte[:500], yte[:500]
-    train, test = (xtr, ytr), (xte, yte)
+    cfg, train, test = mnist_setup(args, FULL, QUICK)
+    xtr = train[0]
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         teacher = train_teacher(cfg, train, seed)
@@ -134,11 +131,11 @@ def run(args: ReproArgs) -> dict:
             student = small_cnn(**cfg["student"])
             student.load_state_dict(init)
             head = arm.get("head")
-            res = fit_classifier(student, arm["losses"], train, test, cfg, seed,
-                                 teacher=arm.get("teacher"),
-                                 features=[LAST_STAGE] if head is not None else (),
-                                 extra_params=head.parameters() if head is not None else (),
-                                 extra_modules={"ie_head": head} if head is not None else None)
+            res = fit_recipe(student, train, arm["losses"], cfg, seed, test=test,
+                             teacher=arm.get("teacher"),
+                             student_features=[LAST_STAGE] if head is not None else (),
+                             extra_params=head.parameters() if head is not None else (),
+                             extra_modules={"ie_head": head} if head is not None else None)
             rows.append({"dataset": "MNIST", "method": name, "seed": seed, **res})
             print(f"seed {seed} {name:<13} test_acc={res['test_acc']:.4f} ({res['time_s']:.1f} s)",
                   flush=True)
@@ -158,9 +155,7 @@ def run(args: ReproArgs) -> dict:
                  ae="conv3x3-BN-ReLU-conv3x3 each way, MSE, teacher features detached",
                  student_init="identical across the single-student arms of a seed",
                  dml_rows="mean test accuracy of the two peers; dml = same procedure with l_inh = l_exp = 0")
-    return write_results(
-        "iekd", rows, args.out_dir, title="IE-KD (inheritance and exploration) on MNIST",
-        group_by=("dataset", "method"), metrics=("test_acc",), labels={"test_acc": "test acc (%)"},
-        scale={"test_acc": 100.0}, data_note=mnist_note(cfg["split_seed"]) +
-        (" (quick: 2000/500 subset)" if args.quick else ""),
-        notes=notes, setup=setup, wall_s=time.perf_counter() - t_start, seeds=args.seeds)
+    return write_mnist_results(
+        "iekd", rows, args, cfg, title="IE-KD (inheritance and exploration) on MNIST",
+        metrics=("test_acc",), labels={"test_acc": "test acc (%)"}, scale={"test_acc": 100.0},
+        notes=notes, setup=setup)

@@ -16,7 +16,6 @@ does what it says even where accuracy does not move.
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -24,12 +23,11 @@ from torch import Tensor
 
 from kdengine.methods.london import FeatureHooks, lipschitz_matching_loss, lipschitz_profile
 from kdengine.repro import ReproArgs, register
-from kdengine.repro.common import (compare_to, mnist_note, mnist_split, small_cnn, summarize,
-                                   write_results)
-from kdengine.train import (CrossEntropyTerm, Distiller, FunctionTerm, KDTerm, evaluate,
-                            predict_logits)
+from kdengine.models import small_cnn
+from kdengine.repro.common import compare_to, fit_recipe, mnist_setup, summarize, write_mnist_results
+from kdengine.train import CrossEntropyTerm, FunctionTerm, KDTerm, evaluate, predict_logits
 
-# Tapped layers of common.small_cnn (Conv-ReLU-Pool per stage, then Flatten-Linear-ReLU-Linear):
+# Tapped layers of kdengine.models.small_cnn (Conv-ReLU-Pool per stage, then Flatten-Linear-ReLU-Linear):
 # the ReLU after conv1 (28x28), after conv2 (14x14), and the hidden ReLU (a vector). Two pairs.
 LAYERS = ["1", "4", "8"]
 
@@ -57,49 +55,21 @@ def _profile(model: torch.nn.Module, x: Tensor, n_iter: int, batch: int = 1000) 
     return torch.cat(out)
 
 
-def fit_classifier(model, losses, train, test, cfg, seed, teacher=None, features=(),
-                   adam: bool = False, extra_params=(), extra_modules=None) -> dict[str, Any]:
-    """Train ``model`` with the Distiller for ``cfg["student_epochs"]`` epochs at ``cfg["lr"]``
-    (SGD momentum 0.9, or Adam), cosine schedule; returns ``test_acc`` and ``time_s``.
-    ``extra_params`` (e.g. a loss head's encoders) are optimised together with the model."""
-    params = list(model.parameters()) + list(extra_params)
-    if adam or cfg.get("optimizer") == "adam":
-        opt = torch.optim.Adam(params, lr=cfg["lr"])
-    else:
-        opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9)
-    epochs = cfg["student_epochs"]
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    d = Distiller(model, opt, losses, teacher=teacher, scheduler=sched, batch_size=cfg["batch_size"],
-                  seed=seed, progress=False, student_features=features,
-                  extra_modules=extra_modules)
-    t0 = time.perf_counter()
-    d.fit(train, epochs)
-    d.close()
-    out = {"time_s": time.perf_counter() - t0}
-    if test is not None:
-        out["test_acc"] = evaluate(model, test)
-    return out
-
-
 def train_teacher(cfg: dict, train: tuple[Tensor, Tensor], seed: int) -> torch.nn.Module:
     """The seed's CNN teacher: ``small_cnn(**cfg["teacher"])`` trained with CE and Adam
     (``teacher_lr``, ``teacher_epochs``); returned in eval mode."""
     torch.manual_seed(seed)
     teacher = small_cnn(**cfg["teacher"])
-    fit_classifier(teacher, [CrossEntropyTerm()], train, None,
-                   dict(cfg, student_epochs=cfg["teacher_epochs"], lr=cfg["teacher_lr"]), seed,
-                   adam=True)
+    fit_recipe(teacher, train, [CrossEntropyTerm()], cfg, seed, epochs_key="teacher_epochs",
+               lr_key="teacher_lr", optimizer="adam")
     return teacher.eval()
 
 
-@register("london", "LONDON Lipschitz-matching KD vs vanilla KD on MNIST (PAPERS.md section 4)")
+@register("london", "LONDON Lipschitz-matching KD vs vanilla KD on MNIST (PAPERS.md section 4)",
+          minutes=4.5, quick_minutes=0.5)
 def run(args: ReproArgs) -> dict:
-    t_start = time.perf_counter()
-    cfg = QUICK if args.quick else FULL
-    (xtr, ytr), (xte, yte) = mnist_split(cfg["split_seed"])
-    if args.quick:
-        xtr, ytr, xte, yte = xtr[:2000], ytr[:2000], xte[:500], yte[:500]
-    train, test = (xtr, ytr), (xte, yte)
+    cfg, train, test = mnist_setup(args, FULL, QUICK)
+    (xtr, _), (xte, _) = train, test
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         teacher = train_teacher(cfg, train, seed)
@@ -128,8 +98,8 @@ def run(args: ReproArgs) -> dict:
         for name, arm in arms.items():
             student = small_cnn(**cfg["student"])
             student.load_state_dict(init)
-            res = fit_classifier(student, arm["losses"], train, test, cfg, seed,
-                                 teacher=arm.get("teacher"), features=arm.get("features", ()))
+            res = fit_recipe(student, train, arm["losses"], cfg, seed, test=test,
+                             teacher=arm.get("teacher"), student_features=arm.get("features", ()))
             s_sig = _profile(student, xte, cfg["n_iter"])
             res["sigma_mse"] = float(lipschitz_matching_loss(s_sig, t_sig_te))
             rows.append({"dataset": "MNIST", "method": name, "seed": seed, **res})
@@ -143,10 +113,8 @@ def run(args: ReproArgs) -> dict:
     setup.update(tapped_layers=LAYERS, pair_weights="linear ramp (1/3, 2/3)",
                  student_init="identical across the arms of a seed",
                  teacher_cache="logits and Lipschitz profile computed once per seed (frozen teacher)")
-    return write_results(
-        "london", rows, args.out_dir, title="LONDON (Lipschitz-matching KD) on MNIST",
-        group_by=("dataset", "method"), metrics=("test_acc", "sigma_mse"),
+    return write_mnist_results(
+        "london", rows, args, cfg, title="LONDON (Lipschitz-matching KD) on MNIST",
+        metrics=("test_acc", "sigma_mse"),
         labels={"test_acc": "test acc (%)", "sigma_mse": "Lipschitz-profile MSE to teacher (test)"},
-        scale={"test_acc": 100.0}, data_note=mnist_note(cfg["split_seed"]) +
-        (" (quick: 2000/500 subset)" if args.quick else ""),
-        notes=notes, setup=setup, wall_s=time.perf_counter() - t_start, seeds=args.seeds)
+        scale={"test_acc": 100.0}, notes=notes, setup=setup)

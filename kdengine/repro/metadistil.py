@@ -24,8 +24,8 @@ import torch
 
 from kdengine.methods.metadistil import MetaDistil, quiz_split
 from kdengine.repro import ReproArgs, register
-from kdengine.repro.common import compare_to, mlp, mnist_note, mnist_split, summarize, write_results
-from kdengine.repro.london import fit_classifier
+from kdengine.models import mlp
+from kdengine.repro.common import compare_to, fit_recipe, mnist_setup, summarize, write_mnist_results
 from kdengine.train import CrossEntropyTerm, KDTerm, evaluate, predict_logits
 from kdengine.train.distiller import global_batches
 
@@ -66,21 +66,18 @@ def _metadistil_arm(student, teacher, train, quiz, test, cfg, seed) -> dict[str,
             max(len(quiz_losses) // epochs, 1), "time_s": time.perf_counter() - t0}
 
 
-@register("metadistil", "MetaDistil (meta-learned teacher) vs vanilla KD on MNIST (PAPERS.md section 5)")
+@register("metadistil", "MetaDistil (meta-learned teacher) vs vanilla KD on MNIST (PAPERS.md section 5)",
+          minutes=1.2, quick_minutes=0.5)
 def run(args: ReproArgs) -> dict:
-    t_start = time.perf_counter()
-    cfg = QUICK if args.quick else FULL
-    (xtr, ytr), (xte, yte) = mnist_split(cfg["split_seed"])
-    if args.quick:
-        xtr, ytr, xte, yte = xtr[:2000], ytr[:2000], xte[:500], yte[:500]
-    train, test = (xtr, ytr), (xte, yte)
+    cfg, train, test = mnist_setup(args, FULL, QUICK)
+    xtr, ytr = train
     tr_idx, q_idx = quiz_split(xtr.shape[0], cfg["quiz_fraction"], seed=cfg["split_seed"])
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         torch.manual_seed(seed)
         teacher = mlp(784, cfg["teacher_hidden"], 10)
-        fit_classifier(teacher, [CrossEntropyTerm()], train, None,
-                       dict(cfg, student_epochs=cfg["teacher_epochs"], lr=cfg["teacher_lr"]), seed)
+        fit_recipe(teacher, train, [CrossEntropyTerm()], cfg, seed, epochs_key="teacher_epochs",
+                   lr_key="teacher_lr")
         teacher.eval()
         t_acc = evaluate(teacher, test)
         rows.append({"dataset": "MNIST", "method": "teacher", "seed": seed, "test_acc": t_acc})
@@ -97,7 +94,7 @@ def run(args: ReproArgs) -> dict:
         ce, kd = CrossEntropyTerm(), KDTerm(cfg["temperature"])
         for name, losses, tl in (("alone", [ce], None),
                                  ("kd", [(1 - cfg["alpha"], ce), (cfg["alpha"], kd)], t_logits)):
-            res = fit_classifier(fresh(), losses, train, test, cfg, seed, teacher=tl)
+            res = fit_recipe(fresh(), train, losses, cfg, seed, test=test, teacher=tl)
             rows.append({"dataset": "MNIST", "method": name, "seed": seed, **res})
             print(f"seed {seed} {name:<10} test_acc={res['test_acc']:.4f} ({res['time_s']:.1f} s)",
                   flush=True)
@@ -120,10 +117,8 @@ def run(args: ReproArgs) -> dict:
                  pilot="plain SGD step of size pilot_lr (the real student step is Adam)",
                  teacher_optimizer="Adam(meta_teacher_lr), meta-gradient norm clipped to teacher_clip",
                  student_init="identical across the arms of a seed")
-    return write_results(
-        "metadistil", rows, args.out_dir, title="MetaDistil (meta-learned teacher) on MNIST",
-        group_by=("dataset", "method"), metrics=("test_acc", "teacher_acc_after"),
+    return write_mnist_results(
+        "metadistil", rows, args, cfg, title="MetaDistil (meta-learned teacher) on MNIST",
+        metrics=("test_acc", "teacher_acc_after"),
         labels={"test_acc": "student test acc (%)", "teacher_acc_after": "teacher acc after (%)"},
-        scale={"test_acc": 100.0, "teacher_acc_after": 100.0},
-        data_note=mnist_note(cfg["split_seed"]) + (" (quick: 2000/500 subset)" if args.quick else ""),
-        notes=notes, setup=setup, wall_s=time.perf_counter() - t_start, seeds=args.seeds)
+        scale={"test_acc": 100.0, "teacher_acc_after": 100.0}, notes=notes, setup=setup)

@@ -31,19 +31,9 @@ import torch
 from kdengine.data.synthetic import gaussian_mixture
 from kdengine.methods import tang as TG
 from kdengine.repro import ReproArgs, register
-from kdengine.repro.common import (
-    compare_to,
-    kd_backend,
-    mean_std,
-    mlp,
-    mnist_note,
-    mnist_split,
-    predict_logits,
-    small_cnn,
-    summarize,
-    train_model,
-    write_results,
-)
+from kdengine.models import mlp, small_cnn
+from kdengine.repro.common import (compare_to, kd_backend, mean_std, mnist_note, mnist_split, predict_logits,
+                                   summarize, train_model, write_results)
 from kdengine.train import CrossEntropyTerm
 
 VARIANT_LABELS = {
@@ -56,18 +46,6 @@ VARIANT_LABELS = {
 }
 ALPHA, T, EPS, TAU = 0.5, 2.0, 0.1, 0.1
 TEACHER_SEED = 1000
-
-
-@register("tang", "Tang et al.: label smoothing, partial / class-similarity teachers, gradient "
-                  "rescaling (synthetic + MNIST; PAPERS.md section 2)")
-def run(args: ReproArgs) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run(args, t0)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _student_runs(dataset: str, seed: int, make_student, train, test, teacher_logits, sim, train_kw,
@@ -125,7 +103,10 @@ def _plot(fig: Any, summ: list[dict], ref: list[dict]) -> None:
         ax.legend(fontsize=7, loc="best")
 
 
-def _run(args: ReproArgs, t_start: float) -> dict[str, Any]:
+@register("tang", "Tang et al.: label smoothing, partial / class-similarity teachers, gradient "
+                  "rescaling (synthetic + MNIST; PAPERS.md section 2)",
+          minutes=3, quick_minutes=0.2, threads=1)
+def run(args: ReproArgs) -> dict[str, Any]:
     dev = args.device
     rows: list[dict[str, Any]] = []
     diag: dict[str, list[dict]] = {"synthetic": [], "MNIST": []}
@@ -154,7 +135,7 @@ def _run(args: ReproArgs, t_start: float) -> dict[str, Any]:
         sim = TG.class_similarity_distribution(TG.logit_layer(teacher).weight, tau=TAU)
         models = _student_runs(
             "synthetic", seed, lambda: mlp(32, [32], 20), (xs, ys), data.test, v_s, sim,
-            dict(epochs=10 if q else 60, lr=3e-3, batch_size=100, device=dev, optimizer="adam", cosine=True),
+            dict(epochs=10 if q else 60, lr=3e-3, batch_size=100, device=dev, optimizer="adam"),
             rows)
         diag["synthetic"].append(_diagnostic(models["ce"], data.x_test, v_te, data.y_test, dev))
 
@@ -206,7 +187,7 @@ def _run(args: ReproArgs, t_start: float) -> dict[str, Any]:
     ref = summarize(ref_rows, ("dataset", "method"), ("test_acc",))
     lines.append("References: " + "; ".join(
         f"{e['dataset']} {e['method']}: {e['test_acc_mean'] * 100:.2f} ± {e['test_acc_std'] * 100:.2f} %" for e in ref))
-    wall = time.perf_counter() - t_start
+    wall = time.perf_counter() - args.started
     setup = {"alpha (soft weight)": ALPHA, "T (kd, pt, pt+sim; ls and sim use 1)": T, "label smoothing eps": EPS,
              "class-similarity tau": TAU, "synthetic": f"{syn_cfg}, student {n_student_pc}/class, teacher "
              f"+{n_teacher_extra_pc}/class, student MLP 32-32-20 Adam 3e-3 60 epochs",

@@ -1,4 +1,6 @@
-"""Training: the :class:`Distiller` trainer, its loss terms, checkpoints and DDP helpers.
+"""Training: the :class:`Distiller` trainer, its loss terms, checkpoints and DDP helpers, and
+:func:`fit`, the recipe-level loop (optimizer and schedule by name) that the demo and the
+reproductions train with.
 
     from kdengine.train import Distiller, CrossEntropyTerm, KDTerm
     d = Distiller(student, torch.optim.SGD(student.parameters(), 0.1),
@@ -7,6 +9,7 @@
 """
 from kdengine.train import distributed
 from kdengine.train.checkpoint import (
+    atomic_output,
     atomic_write_bytes,
     atomic_write_text,
     load_checkpoint,
@@ -29,10 +32,11 @@ from kdengine.train.distiller import (
     seed_everything,
     term_name,
 )
+from kdengine.train.loop import fit
 
 __all__ = [
     "Distiller", "BatchContext", "LossTerm", "CrossEntropyTerm", "KDTerm", "LogitsMatchingTerm",
     "SoftTargetTerm", "FunctionTerm", "term_name", "evaluate", "predict_logits", "seed_everything",
     "epoch_permutation", "global_batches", "save_checkpoint", "load_checkpoint", "read_checkpoint",
-    "atomic_write_bytes", "atomic_write_text", "distributed",
+    "atomic_output", "atomic_write_bytes", "atomic_write_text", "distributed", "fit",
 ]

@@ -25,6 +25,7 @@ unpickles anything.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
@@ -33,7 +34,7 @@ import stat
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from safetensors import safe_open
@@ -66,20 +67,28 @@ def _remove_stale_temps(path: Path) -> None:
                 pass
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file ``.<name>.tmp-XXXX`` in the same
-    directory + os.replace). Temp files of ``path`` left by an earlier killed write are removed
-    first; the file gets mode ``0o666 & ~umask`` (not mkstemp's 0600)."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s directory for the caller to write; on success fsync it
+    and ``os.replace`` it onto ``path``, on an exception remove it.
+
+    A reader (or a crash) thus sees the old file or the whole new one, never a partial one. The
+    temp name is ``.<name>.tmp-XXXX<suffix>`` (the suffix kept so that writers choosing a format by
+    extension, e.g. matplotlib's ``savefig``, still do); temp files of ``path`` left by an earlier
+    killed write are removed first; the file gets mode ``0o666 & ~umask`` (not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        os.close(fd)
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -87,6 +96,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_output`)."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -371,6 +371,8 @@ class Distiller:
         extra_optimizers: more optimizers to checkpoint (name -> optimizer).
         drop_last: drop the last, smaller global batch of each epoch.
         find_unused_parameters: passed to DDP.
+        after_step: optional ``fn(distiller)`` called after every optimizer step (e.g. clipping
+            binary latent weights, ticking a progress bar).
     """
 
     def __init__(
@@ -396,6 +398,7 @@ class Distiller:
         extra_optimizers: Optional[Mapping[str, torch.optim.Optimizer]] = None,
         drop_last: bool = False,
         find_unused_parameters: bool = False,
+        after_step: Optional[Callable[["Distiller"], None]] = None,
     ) -> None:
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
@@ -418,6 +421,7 @@ class Distiller:
         self.freeze_teacher = freeze_teacher
         self.grad_clip = grad_clip
         self.drop_last = drop_last
+        self.after_step = after_step
 
         self.student = student.to(self.device)
         self.teacher: Optional[nn.Module] = None
@@ -688,6 +692,8 @@ class Distiller:
                     scale = D.shard_weight(len(gidx), len(idx), world) if world > 1 else 1.0
                     x, y = data.get(idx)
                     ctx, total, parts = self.training_step(x, y, idx, scale)
+                    if self.after_step is not None:
+                        self.after_step(self)
                     self._accumulate(ctx, total, parts)
                     self.global_step += 1
                     self.batch_in_epoch = b + 1

@@ -1,16 +1,16 @@
-"""Float and binary-weight CNNs on MNIST converted to spiking networks: accuracy against time steps,
-with and without the latency cuts (PAPERS.md section 3, Lu & Sengupta 2020).
+"""``kdengine repro snn_mnist``: float and binary-weight CNNs on MNIST converted to spiking networks:
+accuracy against time steps, with and without the latency cuts (PAPERS.md section 3, Lu &
+Sengupta 2020).
 
-What it does (``python -m kdengine.experiments.snn_mnist``, or :func:`run`):
+What it does (``kdengine repro snn_mnist``, or :func:`run`):
 
 1. Data: :func:`kdengine.data.load_mnist` (the 10,000 official MNIST test images, split 8,000 /
    2,000 by the fixed seeded permutation, ``seed``). The 8,000 "train" images are split again:
    the first 7,000 train the ANNs (1,000 of them calibrate the conversion), the last 1,000 are
    the *held-out* split on which the latency cuts are tuned. The 2,000 test images are only
    used for the reported numbers.
-2. ANNs (the recipe of the paper: no bias, no BatchNorm, dropout, average pooling placed before
-   the ReLU): ``conv(1->w) avgpool relu | conv(w->2w) avgpool relu | flatten dropout
-   fc(2w*49->h) relu dropout | fc(h->10)``. ``float`` is trained with Adam + cosine decay; ``binary``
+2. ANNs (the recipe of the paper): :func:`kdengine.models.snn_cnn`. ``float`` is trained with
+   Adam + cosine decay (:func:`kdengine.repro.common.fit_adam_steps`); ``binary``
    is the same net through :func:`kdengine.nn.binarize_model` (``mode="weights"``: the middle conv
    and the hidden fc get sign(W) times the per-channel mean|W|, first and last layers stay full
    precision), fine-tuned from the float weights.
@@ -18,9 +18,9 @@ What it does (``python -m kdengine.experiments.snn_mnist``, or :func:`run`):
    ReLU -> IF (threshold 1, reset by subtraction), weights normalised by the 99.9th percentile of
    each layer's activations. In the binary SNN the spike x binary-weight layers run on the packed
    AND-popcount kernel (:class:`kdengine.snn.SpikingBinaryConv2d` / ``SpikingBinaryLinear``).
-4. Latency cuts, tuned on the held-out split (note: the early-exit selection criterion — at most
-   0.5 % changed decisions at 95 % confidence — was added after a first full run whose test
-   results showed the earlier, looser criterion lost 1.3 points; see benches/results/snn_mnist.md): design time, :func:`kdengine.snn.search_scaling`
+4. Latency cuts, tuned on the held-out split (the early-exit rule must also keep changed
+   decisions under 0.5 % at 95 % confidence: an accuracy bound alone let a rule through that
+   lost 1.3 test points): design time, :func:`kdengine.snn.search_scaling`
    (grid over percentile x global threshold scale x initial potential at the target ``T``, then a
    per-layer scale refinement); run time, :func:`kdengine.snn.tune_early_exit` (the rule with the
    fewest mean steps within ``ee_val_loss`` of the full-``T_ref`` accuracy on the held-out split
@@ -39,9 +39,6 @@ each candidate on 500 held-out images at ``t_search`` = 32 steps; early exit is 
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
 from typing import Any, Optional
 
@@ -49,8 +46,11 @@ import torch
 from torch import Tensor, nn
 
 from kdengine.data import load_mnist
-from kdengine.experiments.binary_mnist import BATCH, train_classifier
+from kdengine.models import snn_cnn
 from kdengine.nn import binarize_model
+from kdengine.repro import ReproArgs, register
+from kdengine.repro.common import RunClock, fit_adam_steps
+from kdengine.repro.results import pyplot, save_figure, to_json, write_files
 from kdengine.snn import (
     calibrate,
     convert,
@@ -60,21 +60,10 @@ from kdengine.snn import (
     tune_early_exit,
 )
 
-__all__ = ["run", "main", "snn_cnn"]
+BATCH = 128
+__all__ = ["run"]
 
 TABLE_T = (8, 16, 32, 64, 128)
-
-
-def snn_cnn(width: int = 8, hidden: int = 64, dropout: float = 0.2) -> nn.Sequential:
-    """The ANN: no bias, no BN, dropout, average pooling before the ReLU (see the module doc)."""
-    c1, c2 = width, 2 * width
-    return nn.Sequential(
-        nn.Conv2d(1, c1, 3, padding=1, bias=False), nn.AvgPool2d(2), nn.ReLU(),   # 28 -> 14
-        nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.AvgPool2d(2), nn.ReLU(),  # 14 -> 7
-        nn.Flatten(), nn.Dropout(dropout),
-        nn.Linear(c2 * 49, hidden, bias=False), nn.ReLU(), nn.Dropout(dropout),
-        nn.Linear(hidden, 10, bias=False),
-    )
 
 
 @torch.no_grad()
@@ -103,7 +92,6 @@ def run(
     quick: bool = False,
     *,
     seed: int = 0,
-    threads: int = 2,
     width: int = 16,
     hidden: int = 128,
     lr: float = 1e-2,
@@ -132,64 +120,59 @@ def run(
     grid = (dict(percentiles=(99.9, 100.0), scales=(0.8, 1.0), init_potentials=(0.0, 0.5))
             if quick else
             dict(percentiles=(99.9, 99.99, 100.0), scales=(0.8, 1.0), init_potentials=(0.0, 0.5)))
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     t_all, c_all = time.perf_counter(), time.process_time()
-    try:
-        x8k, y8k = load_mnist("train", seed=seed)
-        x_te, y_te = load_mnist("test", seed=seed)
-        x_fit, y_fit = x8k[:7000], y8k[:7000]
-        x_val, y_val = x8k[7000:], y8k[7000:]
-        x_cal = x_fit[:1000]
-        x_t, y_t = x_te[:n_test], y_te[:n_test]
-        out: dict[str, Any] = {
-            "experiment": "snn_mnist",
-            "data": {
-                "dataset": "MNIST official test set (t10k, 10,000 images; LeCun, Cortes, Burges; CC BY-SA 3.0)",
-                "split": ("kdengine.data.load_mnist seeded permutation 8000/2000; of the 8000: first "
-                          "7000 train the ANNs (first 1000 of them calibrate the conversion), last "
-                          "1000 = held-out split for the latency tuning; the 2000 test images are "
-                          "used only for reporting"),
-                "seed": seed,
-                "n_fit": len(x_fit), "n_calibration": len(x_cal), "n_heldout": len(x_val),
-                "n_test_ann": len(x_te), "n_test_snn": len(x_t),
-                "heldout_used": {"scaling_search": n_search, "early_exit_tuning": n_ee},
-            },
-            "config": {"quick": quick, "width": width, "hidden": hidden, "epochs": epochs,
-                       "finetune_epochs": finetune_epochs, "lr": lr, "batch": BATCH, "threads": threads,
-                       "t_max": t_max, "t_search": t_search, "t_ref": t_ref,
-                       "ee_val_loss": ee_val_loss, "ee_val_flip": ee_val_flip, "search_grid": grid,
-                       "encoding": "direct", "percentile_baseline": 99.9},
-            "models": {},
-        }
-        torch.manual_seed(seed)
-        fmodel = snn_cnn(width, hidden)
-        log("[float ANN]")
-        ftrain = train_classifier(fmodel, x_fit, y_fit, epochs=epochs, lr=lr, seed=seed, binary=False, log=log)
-        fmodel.eval()
-        log("[binary-weight ANN, fine-tuned from the float weights]")
-        bmodel = binarize_model(fmodel, mode="weights")
-        btrain = train_classifier(bmodel, x_fit, y_fit, epochs=finetune_epochs, lr=lr, seed=seed + 7,
-                                  binary=True, log=log)
-        bmodel.eval()
-        # warm-up: the first call of the native ops loads (or builds) their library; keep that
-        # out of the timed SNN runs
-        t0 = time.perf_counter()
-        for mdl in (fmodel, bmodel):
-            run_snn(convert(mdl, x_cal[:16]), x_cal[:16], 2)
-        out["warmup_seconds"] = round(time.perf_counter() - t0, 2)
-        for name, model, tr in (("float", fmodel, ftrain), ("binary", bmodel, btrain)):
-            out["models"][name] = _snn_study(
-                name, model, tr, x_cal, x_val, y_val, x_te, y_te, x_t, y_t,
-                t_max=t_max, t_search=t_search, t_ref=t_ref, n_search=n_search, n_ee=n_ee,
-                grid=grid, ee_val_loss=ee_val_loss, ee_val_flip=ee_val_flip, log=log,
-                n_poisson=(0 if quick else 500) if name == "float" else 0)
-        out["wall_seconds"] = round(time.perf_counter() - t_all, 1)
-        out["cpu_seconds"] = round(time.process_time() - c_all, 1)
-        out["goals"] = _goals(out)
-        return out
-    finally:
-        torch.set_num_threads(old_threads)
+    x8k, y8k = load_mnist("train", seed=seed)
+    x_te, y_te = load_mnist("test", seed=seed)
+    x_fit, y_fit = x8k[:7000], y8k[:7000]
+    x_val, y_val = x8k[7000:], y8k[7000:]
+    x_cal = x_fit[:1000]
+    x_t, y_t = x_te[:n_test], y_te[:n_test]
+    out: dict[str, Any] = {
+        "experiment": "snn_mnist",
+        "data": {
+            "dataset": "MNIST official test set (t10k, 10,000 images; LeCun, Cortes, Burges; CC BY-SA 3.0)",
+            "split": ("kdengine.data.load_mnist seeded permutation 8000/2000; of the 8000: first "
+                      "7000 train the ANNs (first 1000 of them calibrate the conversion), last "
+                      "1000 = held-out split for the latency tuning; the 2000 test images are "
+                      "used only for reporting"),
+            "seed": seed,
+            "n_fit": len(x_fit), "n_calibration": len(x_cal), "n_heldout": len(x_val),
+            "n_test_ann": len(x_te), "n_test_snn": len(x_t),
+            "heldout_used": {"scaling_search": n_search, "early_exit_tuning": n_ee},
+        },
+        "config": {"quick": quick, "width": width, "hidden": hidden, "epochs": epochs,
+                   "finetune_epochs": finetune_epochs, "lr": lr, "batch": BATCH, "threads": torch.get_num_threads(),
+                   "t_max": t_max, "t_search": t_search, "t_ref": t_ref,
+                   "ee_val_loss": ee_val_loss, "ee_val_flip": ee_val_flip, "search_grid": grid,
+                   "encoding": "direct", "percentile_baseline": 99.9},
+        "models": {},
+    }
+    torch.manual_seed(seed)
+    fmodel = snn_cnn(width, hidden)
+    log("[float ANN]")
+    ftrain = fit_adam_steps(fmodel, x_fit, y_fit, epochs=epochs, lr=lr, seed=seed, binary=False, log=log)
+    fmodel.eval()
+    log("[binary-weight ANN, fine-tuned from the float weights]")
+    bmodel = binarize_model(fmodel, mode="weights")
+    btrain = fit_adam_steps(bmodel, x_fit, y_fit, epochs=finetune_epochs, lr=lr, seed=seed + 7,
+                            binary=True, log=log)
+    bmodel.eval()
+    # warm-up: the first call of the native ops loads (or builds) their library; keep that
+    # out of the timed SNN runs
+    t0 = time.perf_counter()
+    for mdl in (fmodel, bmodel):
+        run_snn(convert(mdl, x_cal[:16]), x_cal[:16], 2)
+    out["warmup_seconds"] = round(time.perf_counter() - t0, 2)
+    for name, model, tr in (("float", fmodel, ftrain), ("binary", bmodel, btrain)):
+        out["models"][name] = _snn_study(
+            name, model, tr, x_cal, x_val, y_val, x_te, y_te, x_t, y_t,
+            t_max=t_max, t_search=t_search, t_ref=t_ref, n_search=n_search, n_ee=n_ee,
+            grid=grid, ee_val_loss=ee_val_loss, ee_val_flip=ee_val_flip, log=log,
+            n_poisson=(0 if quick else 500) if name == "float" else 0)
+    out["wall_seconds"] = round(time.perf_counter() - t_all, 1)
+    out["cpu_seconds"] = round(time.process_time() - c_all, 1)
+    out["goals"] = _goals(out)
+    return out
 
 
 def _snn_study(name, model, train_stats, x_cal, x_val, y_val, x_te, y_te, x_t, y_t, *, t_max,
@@ -355,7 +338,7 @@ def _markdown(res: dict) -> str:
     m = res.get("machine", {})
     d, c = res["data"], res["config"]
     lines = [
-        "# SNN MNIST (kdengine.experiments.snn_mnist)",
+        "# SNN MNIST (kdengine repro snn_mnist)",
         "",
         f"- Machine: {m.get('cpu', '?')}, {c['threads']} torch threads, torch {m.get('torch', '?')}; "
         f"date {m.get('date', '?')}",
@@ -429,7 +412,7 @@ def _markdown(res: dict) -> str:
                      f" -> {r['tuned']['spikes_per_image_per_step']}")
         ee = r["early_exit"]
         if ee.get("rule"):
-            lines.append(f"  early exit, same rule at other caps (offline on recorded potentials): "
+            lines.append("  early exit, same rule at other caps (offline on recorded potentials): "
                          + ", ".join(f"T={k}: acc {v['accuracy']:.4f}, {v['mean_steps']} steps"
                                      for k, v in ee["rule_at_other_caps_offline"].items()))
         lines.append(f"  layers: {'; '.join(r['layers'])}")
@@ -439,14 +422,11 @@ def _markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(res: dict, path: str) -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib not installed: no plot"
+def _figure(res: dict) -> Any:
+    """Accuracy against time steps of every SNN variant, or None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = {"float": "tab:blue", "binary": "tab:red"}
     for name, r in res["models"].items():
@@ -468,40 +448,22 @@ def _plot(res: dict, path: str) -> Optional[str]:
     ax.set_title("MNIST: converted SNNs, accuracy vs time steps")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return None
+    return fig
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    """CLI: run and write ``<out>/snn_mnist.json``, ``.md`` and ``.png``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run (minutes less, small numbers)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=os.path.join("benches", "results"))
-    p.add_argument("--no-write", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    a = p.parse_args(argv)
-    from kdengine.bench.machine import machine_info
-
-    load0 = os.getloadavg()
-    res = run(a.quick, seed=a.seed, threads=a.threads, quiet=a.quiet)
-    res["load_average_1min"] = {"start": round(load0[0], 2), "end": round(os.getloadavg()[0], 2)}
-    res["machine"] = machine_info()
+@register("snn_mnist", "float and binary-weight CNNs converted to SNNs: accuracy vs time steps, scaling "
+                       "search and early exit", minutes=3, quick_minutes=0.5,
+          seeds=(0,), record_subdir="", threads=2)
+def entry(args: ReproArgs) -> dict:
+    clock = RunClock()
+    res = run(args.quick, seed=args.seeds[0])
+    # run() times itself (without the result files); keep its wall/CPU seconds
+    wall, cpu = res["wall_seconds"], res["cpu_seconds"]
+    clock.stamp(res)
+    res["wall_seconds"], res["cpu_seconds"] = wall, cpu
     md = _markdown(res)
-    print(md)
-    if not a.no_write:
-        os.makedirs(a.out, exist_ok=True)
-        base = os.path.join(a.out, "snn_mnist")
-        with open(base + ".json", "w") as f:
-            json.dump(res, f, indent=1)
-        with open(base + ".md", "w") as f:
-            f.write(md)
-        err = _plot(res, base + ".png")
-        print(f"wrote {base}.json, .md" + (f" ({err})" if err else ", .png"))
-    return res
-
-
-if __name__ == "__main__":
-    main()
+    files: dict[str, Any] = {"snn_mnist.json": to_json(res), "snn_mnist.md": md}
+    fig = _figure(res)
+    if fig is not None:
+        files["snn_mnist.png"] = save_figure(fig, dpi=120)
+    return {"table": md, "paths": write_files(args.out_dir, files)}

@@ -1,1 +1,0 @@
-"""Reproducible experiments (``python -m kdengine.experiments.<name>``)."""
