@@ -1,8 +1,8 @@
 """Inference runtime, batch-1 CPU latency, grouped so pytest-benchmark prints kdengine.infer next to
 the same network in fp32 torch eager (same run): the mlp-bin3 case of kdengine.bench.infer, MLP
 784-4096-4096-4096-10 with its three hidden layers binary (weights and activations, mode "both";
-the input binarized by BN + sign), classifier fp32 (KDENGINE_BENCH_QUICK=1: hidden 2048). The p50/p99 table is `python -m kdengine.bench.infer` (or
-`kdengine bench`); pytest-benchmark reports min/median/mean per call here."""
+the input binarized by BN + sign), classifier fp32 (KDENGINE_BENCH_QUICK=1: hidden 2048). The p50/p99 table is
+`python -m kdengine.bench.infer` (or `kdengine bench`); pytest-benchmark reports min/median/mean per call here."""
 import tempfile
 
 import pytest

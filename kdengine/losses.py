@@ -59,7 +59,7 @@ def logits_matching_loss(
     centered: bool = False,
     reduction: str = "batchmean",
 ) -> Tensor:
-    """MSE logits matching, the T -> inf face of KD (PAPERS.md section 1).
+    """MSE logits matching, the T -> inf face of KD (docs/papers.md section 1).
 
     Per row: ``1/(2V) * ||d||^2`` with ``d = z - v`` (or ``d - mean(d)`` when ``centered``); with
     ``centered=True`` it equals ``kd_loss(z, v, float("inf"))`` for every reduction. Reductions as
@@ -93,7 +93,7 @@ def logits_matching_loss(
 
 @torch.no_grad()
 def equal_mean_init_(layer: nn.Linear, target_mean: float = 0.0) -> nn.Linear:
-    """Equal-mean initialization of a final linear layer, in place (PAPERS.md section 1).
+    """Equal-mean initialization of a final linear layer, in place (docs/papers.md section 1).
 
     Makes the class-mean of the weight rows zero and sets the mean bias to ``target_mean``, so
     ``mean_c z_c = target_mean`` for every input. Under CE or KD the logit gradient sums to zero

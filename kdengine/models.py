@@ -6,7 +6,7 @@ contract: the reproductions tap features by index (e.g. ``"5"`` of :func:`small_
 closing the second conv stage), so a change of layer order here changes what they measure.
 
 * :func:`mlp`, :func:`small_cnn`: the students and teachers of the paper reproductions.
-* :func:`vgg_relu`: a VGG-style CNN in the style of PAPERS.md section 3 (Lu & Sengupta 2020):
+* :func:`vgg_relu`: a VGG-style CNN in the style of docs/papers.md section 3 (Lu & Sengupta 2020):
   3x3 convolutions without bias, max pooling *before* the ReLU, no BatchNorm, dropout before the
   classifier layers. The demo's teacher; with ``binarize_model(mode="weights")`` a binary-weight net.
 * :func:`vgg_bn_sign`: the skeleton of a binary-activation (``mode="both"``) net. ``sign(relu(x))``

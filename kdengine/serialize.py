@@ -347,7 +347,8 @@ def _build(node: Any, where: str) -> nn.Module:
             f"manifest layer {label!r}: unknown layer type {kind!r}; supported: {', '.join(SUPPORTED_TYPES)}"
         )
     if set(node) - {"type", "config", "name"}:
-        raise ValueError(f"manifest layer {label!r} ({kind}): unexpected keys {sorted(set(node) - {'type', 'config', 'name'})}")
+        extra = sorted(set(node) - {"type", "config", "name"})
+        raise ValueError(f"manifest layer {label!r} ({kind}): unexpected keys {extra}")
     cfg = node.get("config")
     if not isinstance(cfg, dict):
         raise ValueError(f"manifest layer {label!r} ({kind}): 'config' must be an object")

@@ -392,7 +392,7 @@ def test_packed_forward_gradients(seed):
                      (SpikingBinaryLinear(8, 3), torch.ones(2, 1, 8))):
         assert not layer(x.clone().requires_grad_()).requires_grad
         with pytest.raises(RuntimeError, match="torch.func"):
-            torch.func.grad(lambda t: layer(t).sum())(x)
+            torch.func.grad(lambda t, layer=layer: layer(t).sum())(x)
     lin = BinaryLinear(40, 5, mode="weights")
     packed = pack_model(lin)
     x = torch.randn(3, 40, requires_grad=True)

@@ -198,7 +198,7 @@ def _check_native_gemm(ops, isa, mode, mnk, seed):
     "mnk", [(70, 131, 75), (3, 5, 2 * 8192 + 40), (1, 257, 4096 + 7), (130, 520, 1800 + 3)], ids=str
 )
 def test_cpu_every_isa_and_blocking_path(isa, split_b_rows, lut_min, mode, mnk, seed):
-    """Each code path of csrc/cpu/xnor.cpp (portable, POPCNT, AVX2 with packed panels of both
+    """Each code path of csrc/binary/xnor*.cpp (portable, POPCNT, AVX2 with packed panels of both
     operands, with raw B rows, or the table-lookup GEMM of xnor_lut.cpp, forced whatever M and N
     are), with edge tiles, several tasks (M > 64, N > 128 and > 256) and several K blocks
     (K > 7936 bits; > 56 words for the lookup path) with a partial last vector."""
@@ -382,7 +382,7 @@ def test_packed_signs_validation():
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_cpu_conv_words_equal_python_im2col(layout, dtype, seed):
-    """csrc/cpu/conv_words.cpp (one pass) gives the same im2col words as the Python path (pack per
+    """csrc/binary/conv_words.cpp (one pass) gives the same im2col words as the Python path (pack per
     pixel, pad with +1 words, unfold) for random geometries, channel counts around word edges,
     exact zeros and -0.0, and any memory layout."""
     from kdengine.ops.binary import ConvGeometry, channel_words

@@ -1,5 +1,5 @@
 """Bounds: K beyond int32 counts, padding bits edited after packing, IF thresholds / resets beyond
-the state dtype's range. Each used to give silently wrong or backend-dependent results."""
+the state dtype's range: each gives an exact result or a clear error, the same on every backend."""
 from __future__ import annotations
 
 import math

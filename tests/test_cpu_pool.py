@@ -1,4 +1,4 @@
-"""The output reuse pool of the C++ kernels (csrc/cpu/output_pool.h, kdengine.cpu_pool): freed large
+"""The output reuse pool of the C++ kernels (csrc/common/output_pool.h, kdengine.cpu_pool): freed large
 outputs are handed out again, live ones never are, results are always freshly computed, and the
 limit / clear controls work."""
 from __future__ import annotations
@@ -97,7 +97,7 @@ def test_kd_loss_gradient_buffer_from_the_pool(pool_on):
     g = torch.Generator().manual_seed(7)
     t = torch.randn(300, 8000, generator=g)
     ptrs = []
-    for step in range(2):
+    for _step in range(2):
         s = torch.randn(300, 8000, generator=g).requires_grad_(True)
         kdengine.kd_loss(s, t, temperature=2.0, backend="cpu").backward()
         sr = s.detach().clone().requires_grad_(True)

@@ -1,7 +1,7 @@
 """The C++ kernels really run on several threads, and their results do not depend on how many.
 
 The CPU extension is compiled without OpenMP, so ``at::parallel_for`` would silently run serially
-in it; every kernel goes through ``kdengine::parallel_for`` (csrc/cpu/parallel.h) instead. These
+in it; every kernel goes through ``kdengine::parallel_for`` (csrc/common/parallel.h) instead. These
 tests pin both halves: the loop helper spreads work over two threads (checked through a test hook
 that reports which thread ran each index), and every op gives bitwise the same result with 1 and 2
 threads on sizes large enough to be split (and, where the op is exact, equals the reference).

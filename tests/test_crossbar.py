@@ -114,7 +114,8 @@ def test_adc_quantize_hand_computed():
     torch.testing.assert_close(adc_quantize(torch.tensor([100.0, -100.0, -3.0]), 128, 2, clip=8),
                                torch.tensor([8.0, -8.0, -8 / 3], dtype=torch.float64))
     # clip larger than the tile: the tile's range wins
-    torch.testing.assert_close(adc_quantize(torch.tensor([3.0]), 4, 2, clip=50), adc_quantize(torch.tensor([3.0]), 4, 2))
+    torch.testing.assert_close(adc_quantize(torch.tensor([3.0]), 4, 2, clip=50),
+                               adc_quantize(torch.tensor([3.0]), 4, 2))
     with pytest.raises(ValueError, match="bits"):
         adc_quantize(p, 4, 0)
 

@@ -177,7 +177,8 @@ def test_feature_hooks_and_frozen_teacher():
         seen["shapes"] = (tuple(fs.shape), tuple(ft.shape), ft.requires_grad)
         return (fs - ft).pow(2).mean()
 
-    d = Distiller(s, torch.optim.SGD(s.parameters(), lr=0.05), [CrossEntropyTerm(), (0.1, FunctionTerm(feat_match, "feat"))],
+    terms = [CrossEntropyTerm(), (0.1, FunctionTerm(feat_match, "feat"))]
+    d = Distiller(s, torch.optim.SGD(s.parameters(), lr=0.05), terms,
                   teacher=teacher, student_features=["1"], teacher_features=["1"], batch_size=16,
                   progress=False)
     h = d.fit((x, y), 1)

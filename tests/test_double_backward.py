@@ -60,7 +60,8 @@ def test_if_multistep_double_backward_matches_reference(backend, surrogate, rese
     x0, v00 = _x((T, N)), torch.randn(N, dtype=torch.float64) * 0.3
     gs, gv = torch.randn(T, N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
     if backend != "reference" and _saves_h(backend):
-        with pytest.raises(RuntimeError, match=rf"if_multistep: double backward .* not supported by the {backend} backend"):
+        want = rf"if_multistep: double backward .* not supported by the {backend} backend"
+        with pytest.raises(RuntimeError, match=want):
             _second_order(backend, x0, v00, gs, gv, reset, surrogate, detach_reset)
         return
     torch.manual_seed(seed)
@@ -76,7 +77,6 @@ def test_if_multistep_double_backward_matches_reference(backend, surrogate, rese
 def _away_from_threshold(T, N, v00, reset):
     """x whose potentials stay >= 1e-3 away from the threshold (finite differences of the
     backward then see no spike flip)."""
-    from kdengine.ops.if_multistep.reference import if_multistep_reference
 
     for _ in range(200):
         x = _x((T, N))
@@ -168,8 +168,8 @@ def _binary_calls(backend):
 @pytest.mark.parametrize("op", ["binary_linear", "binary_conv2d"])
 def test_binary_ops_have_no_silent_gradient(backend, op, seed):
     """The packed ops are inference-only: under autograd the output does not require grad (so a
-    backward, create_graph or not, raises); under torch.func.grad, which used to return zeros,
-    they raise a RuntimeError that says so."""
+    backward, create_graph or not, raises); under torch.func.grad, which would otherwise
+    return zeros, they raise a RuntimeError that says so."""
     call = _binary_calls(backend)[op]
     x = torch.randn(42, dtype=torch.float64, requires_grad=True)
     y = call(x)
@@ -185,8 +185,9 @@ def test_packing_has_no_silent_gradient(backend, seed):
     with pytest.raises(RuntimeError, match="pack_signs is inference-only"):
         torch.func.grad(lambda t: xnor_matmul(pack_signs(t), pack_signs(t), backend=backend).double().sum())(
             torch.randn(3, 9, dtype=torch.float64))
+    w = pack_signs(torch.randn(2, 9))
     with pytest.raises(RuntimeError, match="pack_spikes is inference-only"):
-        torch.func.grad(lambda t: spike_matmul(pack_spikes(t), pack_signs(torch.randn(2, 9)), backend=backend).double().sum())(
+        torch.func.grad(lambda t: spike_matmul(pack_spikes(t), w, backend=backend).double().sum())(
             torch.ones(3, 9, dtype=torch.float64))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kdengine
 from kdengine.llm import fused_linear_kd_loss, fused_linear_topk_kd_loss, topk_kd_loss
 
 

@@ -85,7 +85,7 @@ def test_generalized_jsd_equals_trl():
             ours = generalized_jsd_loss(ss, t, beta=beta, temperature=temp, backend="reference", **kw)
             theirs = trl_loss(s2, t, beta=beta, temperature=temp, **kw)
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12,
-                                       msg=lambda m: f"beta={beta} T={temp} {kw}: {m}")
+                                       msg=lambda m, beta=beta, temp=temp, kw=kw: f"beta={beta} T={temp} {kw}: {m}")
             ours.backward()
             theirs.backward()
             torch.testing.assert_close(ss.grad, s2.grad, rtol=1e-8, atol=1e-12)

@@ -1,4 +1,4 @@
-"""IE-KD (PAPERS.md s6): factors, inheritance/exploration losses, channel splits, IE-DML."""
+"""IE-KD (docs/papers.md s6): factors, inheritance/exploration losses, channel splits, IE-DML."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -216,7 +216,8 @@ def test_tensor_table_edits(data):
     name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
     field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets", "delete", "rename"]))
     if field == "dtype":
-        header[name]["dtype"] = data.draw(st.sampled_from(["F32", "F16", "BF16", "F64", "I32", "I64", "U8", "BOOL", "Q"]))
+        dtypes = ["F32", "F16", "BF16", "F64", "I32", "I64", "U8", "BOOL", "Q"]
+        header[name]["dtype"] = data.draw(st.sampled_from(dtypes))
     elif field == "shape":
         header[name]["shape"] = data.draw(st.lists(st.integers(0, 70), max_size=4))
     elif field == "data_offsets":

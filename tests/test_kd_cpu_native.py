@@ -1,4 +1,4 @@
-"""CPU-backend specifics of kd_loss (csrc/cpu/kd_loss.cpp) that the shared backend tests do not reach.
+"""CPU-backend specifics of kd_loss (csrc/kd_loss/kd_loss.cpp) that the shared backend tests do not reach.
 
 The C++ kernel processes a row in blocks of 512 elements with running maxima (online softmax), so
 long rows exercise code that short ones do not: rescaling when the maximum grows, blocks that are

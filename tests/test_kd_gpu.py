@@ -1,4 +1,4 @@
-"""kd_loss on a real GPU: the "cuda" (kdengine/csrc/cuda/kd_loss.cu) and "triton" backends against
+"""kd_loss on a real GPU: the "cuda" (kdengine/csrc/kd_loss/kd_loss.cu) and "triton" backends against
 the float64 reference, on CUDA tensors.
 
 Skipped as a whole without a CUDA device; each backend is also skipped on its own, with the reason

@@ -12,7 +12,7 @@ import torch
 
 import kdengine
 from kdengine import _dispatch
-from kdengine.ops.kd_loss.config import Divergence, KDConfig, Reduction
+from kdengine.ops.kd_loss.config import KDConfig, Reduction
 from tests.backend_params import backend_params
 
 BACKENDS = backend_params("kd_loss")
@@ -190,7 +190,7 @@ def test_out_of_range_label_gives_nan_row_in_the_kernel(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_high_temperature_tends_to_the_exact_limit(backend, seed):
-    """PAPERS.md section 1: T^2 KL -> the centered logits-matching limit, error O(1/T)."""
+    """docs/papers.md section 1: T^2 KL -> the centered logits-matching limit, error O(1/T)."""
     s, t = _logits((3, 13), dtype=torch.float64), _logits((3, 13), dtype=torch.float64)
     limit, glim, _ = _run(backend, s, t, temperature=math.inf)
     lm = kdengine.logits_matching_loss(s, t, centered=True)

@@ -1,4 +1,4 @@
-"""PAPERS.md section 1: the 1/T gradient gap, the conserved class mean, equal-mean tracking."""
+"""docs/papers.md section 1: the 1/T gradient gap, the conserved class mean, equal-mean tracking."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""LONDON (PAPERS.md s4): transmitting matrices, a spectral norm that carries a gradient, the loss."""
+"""LONDON (docs/papers.md s4): transmitting matrices, a spectral norm that carries a gradient, the loss."""
 import math
 
 import pytest
@@ -134,8 +134,9 @@ def test_loss_equals_direct_computation_and_gradcheck(seed):
     w = default_pair_weights(2)
     assert w == pytest.approx([1 / 3, 2 / 3])
     loss = london_loss(s, t, n_iter=50)
-    sv = lambda fs: torch.stack([torch.linalg.svdvals(transmitting_matrix(a, b))[:, 0]
-                                 for a, b in zip(fs[:-1], fs[1:])], 1)
+    def sv(fs):
+        return torch.stack([torch.linalg.svdvals(transmitting_matrix(a, b))[:, 0]
+                                     for a, b in zip(fs[:-1], fs[1:])], 1)
     direct = sum(w[i] * ((sv(s)[:, i] - sv(t)[:, i]) ** 2).mean() for i in range(2))
     torch.testing.assert_close(loss, direct, rtol=1e-9, atol=1e-12)
     # gradcheck on small maps (each input element costs two loss evaluations)
@@ -169,7 +170,7 @@ def test_feature_hooks_order_and_errors():
     net = _cnn([2, 3], 0)
     with FeatureHooks(net, ["4", "1"]) as h:
         with pytest.raises(RuntimeError, match="forward"):
-            h.features
+            _ = h.features
         net(torch.randn(1, 1, 8, 8))
         f = h.features
         assert f[0].shape == (1, 3, 4, 4) and f[1].shape == (1, 2, 8, 8)

@@ -1,4 +1,4 @@
-"""logits_matching_loss and equal_mean_init_ (PAPERS.md section 1)."""
+"""logits_matching_loss and equal_mean_init_ (docs/papers.md section 1)."""
 import math
 
 import pytest

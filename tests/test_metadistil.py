@@ -1,4 +1,4 @@
-"""MetaDistil (PAPERS.md s5): quiz split, pilot update, second-order meta-gradient, real update."""
+"""MetaDistil (docs/papers.md s5): quiz split, pilot update, second-order meta-gradient, real update."""
 import copy
 
 import pytest

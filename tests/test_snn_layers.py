@@ -193,7 +193,7 @@ def test_spiking_binary_layers_reject_bad_inputs():
 
 
 def test_spiking_modules_are_kdengine_nn_layers(seed):
-    """The issue names them kdengine.nn.IFNeuron / MultiStep / IntegrateOutput: a model built from
+    """The spiking modules are public as kdengine.nn.IFNeuron / MultiStep / IntegrateOutput: a model built from
     kdengine.nn alone runs T steps and predicts from the integrated potential."""
     import kdengine.nn as knn
 

@@ -1,4 +1,4 @@
-"""Tang et al. (PAPERS.md section 2): the target variants, the rescaling weight vs autograd, and the
+"""Tang et al. (docs/papers.md section 2): the target variants, the rescaling weight vs autograd, and the
 grouped Gaussian-mixture generator."""
 from __future__ import annotations
 

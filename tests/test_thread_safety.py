@@ -1,8 +1,8 @@
 """Concurrent Python threads: every binary / spiking op and the packed runtime give, from 6 threads
 at once, exactly the results of a single-threaded run, with more distinct weights / shapes than any
 cache holds (the conv plan LRU keeps 16, the runtime 8 plans per model, the Triton parameter cache
-64), so lookups, insertions and evictions race. Before the fix the conv plan cache raised KeyError
-from ``move_to_end`` / ``popitem`` when another thread had evicted the key.
+64), so lookups, insertions and evictions race (e.g. ``move_to_end`` / ``popitem`` on a key another
+thread has just evicted).
 
 Triton under the CPU interpreter is skipped here: the interpreter patches triton.language globally
 while it runs a kernel, so it is not thread-safe itself (on a GPU the Triton backend runs).

@@ -21,7 +21,7 @@ import torch
 
 from kdengine import cli, serialize
 from kdengine.infer import load, load_input
-from kdengine.serialize import load_packed, save_packed
+from kdengine.serialize import save_packed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,7 +211,7 @@ def test_fifo_as_model_or_input_does_not_hang(files, capsys):
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero")
 def test_device_as_model():
     """/dev/zero as MODEL: a clear error at once. In a subprocess with a 6 GB address-space limit
-    (the old code read /dev/zero until memory ran out)."""
+    (a reader that trusts the file would read /dev/zero until memory ran out)."""
     script = textwrap.dedent("""
         import resource, sys
         resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
@@ -258,7 +258,8 @@ def test_nan_in_manifest(files, capsys):
     d, path, good = files
     bad = d / "nan.safetensors"
     header, _ = _split(path.read_bytes())
-    text = header["__metadata__"]["kdengine_manifest"].replace('"format_version": 1', '"format_version": 1, "note": NaN')
+    manifest = header["__metadata__"]["kdengine_manifest"]
+    text = manifest.replace('"format_version": 1', '"format_version": 1, "note": NaN')
     assert "NaN" in text
     bad.write_bytes(_with_manifest_text(path, text))
     with pytest.raises(ValueError, match="NaN") as ei:

@@ -13,7 +13,7 @@ CPU rows:
 Roofline. ``popcount_roofline_gmacs`` = threads x clock x 256 binary MACs per clock, i.e. one
 256-bit XOR + popcount + accumulate per clock per core. ``lut_bound_gmacs``
 is the instruction-throughput bound of the algorithm actually used at these shapes, the table-lookup GEMM of
-csrc/cpu/xnor_lut.cpp: one vpshufb (+ one byte add) per 128 binary MACs, and vpshufb executes on 2
+csrc/binary/xnor_lut.cpp: one vpshufb (+ one byte add) per 128 binary MACs, and vpshufb executes on 2
 of the 4 vector pipes (Zen 3; Intel cores since Ice Lake also have 2 shuffle ports) = 256 MACs per
 clock per core -- the same number as the popcount roofline, reached by another route. (The
 nibble-LUT popcount kernel it replaced needed XOR + 2 shuffles + 2 adds per 256 MACs: 171 per
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from kdengine.bench.timing import progress, sync, time_fn
 
-MACS_PER_SHUFFLE = 128  # 32 byte lanes x one 4-bit nibble each (csrc/cpu/xnor_lut.cpp)
+MACS_PER_SHUFFLE = 128  # 32 byte lanes x one 4-bit nibble each (csrc/binary/xnor_lut.cpp)
 SHUFFLE_PIPES = 2
 
 
@@ -196,10 +196,11 @@ def _gpu_rows(quick: bool, repeat: int) -> list[dict]:
         if not _dispatch.backend_availability(backend, "cuda").available:
             continue
         progress(f"binary xnor_matmul {size}^3 / binary_linear 1x{size}: kdengine[{backend}]")
-        ours = time_fn(lambda: xnor_matmul(a, b, backend=backend), repeat=repeat, device=dev)
+        ours = time_fn(lambda backend=backend: xnor_matmul(a, b, backend=backend), repeat=repeat, device=dev)
         for name, base in baselines.items():
             rows.append(_row("xnor_matmul", f"{size}x{size}x{size}", backend, name, ours, base, macs))
-        ours_l = time_fn(lambda: binary_linear(xv, w, backend=backend), repeat=max(repeat, 20), device=dev)
+        ours_l = time_fn(lambda backend=backend: binary_linear(xv, w, backend=backend), repeat=max(repeat, 20),
+                         device=dev)
         rows.append(_row("binary_linear", f"1x{size}->{size}", backend, "F.linear fp16", ours_l,
                          lin_base, float(size) ** 2))
     sync(dev)

@@ -53,7 +53,7 @@ def copy_bandwidth_cuda(nbytes: int = 2 << 30) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     src.random_(0, 255)
     dst = torch.empty_like(src)
-    r = cuda_time(lambda: dst.copy_(src), repeat=10, warmup=3)
+    r = cuda_time(lambda dst=dst, src=src: dst.copy_(src), repeat=10, warmup=3)
     del src, dst
     return 2 * nbytes / (r["min_ms"] * 1e-3)
 
@@ -123,7 +123,7 @@ def run_gpu_bench(shapes: Optional[list] = None, dtype: torch.dtype = torch.bflo
         ref_loss = None
         for name, fn in impls:
 
-            def step(fn=fn):
+            def step(fn=fn, s=s, t=t):
                 s.grad = None
                 fn(s, t).backward()
 

@@ -159,7 +159,7 @@ def update(text: str, results: Path) -> tuple[str, list[str]]:
             missing.append(name)
             continue
         body = gen(results)
-        text = pat.sub(lambda mt: mt.group(1) + body + "\n" + mt.group(3), text)
+        text = pat.sub(lambda mt, body=body: mt.group(1) + body + "\n" + mt.group(3), text)
     return text, missing
 
 

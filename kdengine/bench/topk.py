@@ -49,7 +49,7 @@ def run_topk_bench(n: int = 4096, v: int = 32000, k: int = 64, temperature: floa
                  "fwd": {}, "fwd_bwd": {}}
     for name, fn in fns.items():
         with torch.no_grad():
-            out["fwd"][name] = time_fn(lambda: fn(s), repeat=repeat, warmup=1)["median_s"]
+            out["fwd"][name] = time_fn(lambda fn=fn: fn(s), repeat=repeat, warmup=1)["median_s"]
         x = s.clone().requires_grad_()
 
         def step(fn=fn, x=x):

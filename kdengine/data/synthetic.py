@@ -1,5 +1,5 @@
 """Synthetic Gaussian-mixture classification data with grouped class centres (Tang et al. 2020,
-PAPERS.md section 2).
+docs/papers.md section 2).
 
 Generative model (all draws from one seeded ``torch.Generator``, so a seed fixes the data):
 

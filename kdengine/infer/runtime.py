@@ -637,7 +637,8 @@ def infer_parser() -> argparse.ArgumentParser:
     ap.add_argument("model", help="a .safetensors file written by kdengine.serialize.save_packed")
     ap.add_argument("input", help="images: .npy / .npz / .safetensors, or mnist:test[:N] (bundled)")
     ap.add_argument("--batch", type=int, default=1, help="batch size of the pass (default 1)")
-    ap.add_argument("--json", action="store_true", help="print one JSON object (predictions, accuracy, latency, model info) instead of text")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object (predictions, accuracy, latency, model info) instead of text")
     ap.add_argument("--repeat", type=int, default=100, help="timed calls per latency figure (default 100)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--backend", default=None, choices=["auto", *_dispatch.BACKENDS],

@@ -142,7 +142,7 @@ class DenseTeacherLogits:
 
 
 class KDChunkLoss:
-    """The dense per-chunk loss: one kd_loss backend call (contract of ops/kd_loss.py)."""
+    """The dense per-chunk loss: one kd_loss backend call (contract of ops/kd_loss/backends.py)."""
 
     def __init__(self, cfg: KDConfig, backend: str) -> None:
         self.cfg = cfg

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from kdengine.ops.kd_loss import kd_loss
 
-__all__ = ["causal_lm_kd_loss", "generalized_jsd_loss", "KDTrainer"]
+__all__ = ["causal_lm_kd_loss", "generalized_jsd_loss", "KDTrainer"]  # noqa: F822 (KDTrainer: module __getattr__, built when transformers is installed)
 
 
 def _check_3d(name: str, x: Tensor) -> None:

@@ -319,14 +319,16 @@ def _check_manifest(m: Any, where: str) -> dict:
     ):
         raise ValueError(f"{where}: manifest batch_shapes must be a list of lists of integers")
     if sum(math.prod(s) for s in shapes) != n:
-        raise ValueError(f"{where}: manifest batch_shapes cover {sum(math.prod(s) for s in shapes)} tokens, num_tokens says {n}")
+        raise ValueError(f"{where}: manifest batch_shapes cover {sum(math.prod(s) for s in shapes)} tokens, "
+                         f"num_tokens says {n}")
     nb = m.get("index_bytes")
     if nb != index_bytes_for_vocab(v) or isinstance(nb, bool):
         raise ValueError(f"{where}: manifest index_bytes is {nb!r}, expected {index_bytes_for_vocab(v)} for V = {v}")
     if m.get("logprob_dtype") != "bfloat16":
         raise ValueError(f"{where}: manifest logprob_dtype is {m.get('logprob_dtype')!r}, expected 'bfloat16'")
     if m.get("bytes_per_token") != bytes_per_token(k, v):
-        raise ValueError(f"{where}: manifest bytes_per_token is {m.get('bytes_per_token')!r}, expected {bytes_per_token(k, v)}")
+        raise ValueError(f"{where}: manifest bytes_per_token is {m.get('bytes_per_token')!r}, "
+                         f"expected {bytes_per_token(k, v)}")
     if not isinstance(m.get("source"), str):
         raise ValueError(f"{where}: manifest source must be a string")
     expected = {"indices": {"dtype": "uint8", "shape": [n, k, nb]},

@@ -42,7 +42,7 @@ Gradient (w.r.t. a = student / T, of D): forward KL: W p - w with w the effectiv
 The student-side gradient is dense in V (every logit moves the softmax), so the cost is one
 logsumexp pass over the student plus one pass writing the gradient; the teacher side is N x k.
 
-Implementations: float32 CPU inputs use the C++ student side (kdengine/csrc/cpu/topk_kd.cpp:
+Implementations: float32 CPU inputs use the C++ student side (kdengine/csrc/topk_kd/topk_kd.cpp:
 ``topk_student_stats`` reads each row once for its max, log-sum-exp, off-top-k mass R and sum;
 ``topk_student_grad`` writes c1 p + c0 in one pass, the k entries then overwritten), with every
 (N, k) formula in torch (:func:`_terms`); other dtypes and devices, and reverse KL + uniform
@@ -158,7 +158,7 @@ def _nz(w: Tensor, x: Tensor) -> Tensor:
 
 
 def _native_ok(student: Tensor, use_native: Optional[bool]) -> bool:
-    """The C++ student side (kdengine/csrc/cpu/topk_kd.cpp) serves float32 CPU rows."""
+    """The C++ student side (kdengine/csrc/topk_kd/topk_kd.cpp) serves float32 CPU rows."""
     if use_native is False or student.dtype != torch.float32 or student.device.type != "cpu":
         return False
     from kdengine import _native

@@ -1,4 +1,4 @@
-"""Distillation methods from the seed papers (PAPERS.md), each a loss or a training procedure
+"""Distillation methods from the seed papers (docs/papers.md), each a loss or a training procedure
 usable on any model. Import the submodule you need; nothing is imported here:
 
 * :mod:`kdengine.methods.logit_limit` -- KD as logits matching, the T -> inf story (section 1)

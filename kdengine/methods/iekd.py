@@ -1,4 +1,4 @@
-"""IE-KD: inheritance and exploration knowledge distillation (Huang et al., CVPR 2021; PAPERS.md s6).
+"""IE-KD: inheritance and exploration knowledge distillation (Huang et al., CVPR 2021; docs/papers.md s6).
 
 1. An auto-encoder is trained on the teacher's last-stage features ``F`` with a reconstruction
    loss; its encoder output is the teacher's compact *factor* ``F_T``.

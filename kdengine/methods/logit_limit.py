@@ -1,4 +1,4 @@
-"""KD as logits matching: the T -> inf story (Chen, Wang, Chen, arXiv 2109.06458; PAPERS.md section 1).
+"""KD as logits matching: the T -> inf story (Chen, Wang, Chen, arXiv 2109.06458; docs/papers.md section 1).
 
 Facts this module measures (z student logits, v teacher logits, C classes, q = softmax(z/T),
 p = softmax(v/T), z_c = z - mean(z), v_c = v - mean(v)):

@@ -1,4 +1,4 @@
-"""LONDON: Lipschitz continuity guided knowledge distillation (Shang et al., ICCV 2021; PAPERS.md s4).
+"""LONDON: Lipschitz continuity guided knowledge distillation (Shang et al., ICCV 2021; docs/papers.md s4).
 
 The idea: a network's Lipschitz constant is bounded by the product of its layers' constants, and a
 layer's constant can be estimated from the features it maps. For two consecutive feature maps

@@ -1,4 +1,4 @@
-"""MetaDistil: a teacher that learns to teach (Zhou, Xu, McAuley, ACL 2022; PAPERS.md s5).
+"""MetaDistil: a teacher that learns to teach (Zhou, Xu, McAuley, ACL 2022; docs/papers.md s5).
 
 One round on a training batch ``(x, y)`` and a quiz batch ``(x_q, y_q)`` from a held-out split::
 

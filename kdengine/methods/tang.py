@@ -1,4 +1,4 @@
-"""Tang et al., "Understanding and Improving Knowledge Distillation" (arXiv 2002.03532; PAPERS.md
+"""Tang et al., "Understanding and Improving Knowledge Distillation" (arXiv 2002.03532; docs/papers.md
 section 2): three levels of teacher knowledge, each isolated as a soft-target distribution.
 
 Notation: C classes, student logits z, teacher logits v, labels y, q = softmax(z / T),

@@ -6,8 +6,8 @@
   and last left in full precision); :func:`clip_latent_weights_` after each optimizer step.
 * :func:`pack_model` — inference copy with :class:`PackedBinaryLinear` /
   :class:`PackedBinaryConv2d` (1-bit weights, run by the XNOR-popcount ops); save and load it with
-  :func:`kdengine.serialize.save_packed` / :func:`kdengine.serialize.load_packed`. Their ``forward`` and :mod:`kdengine.infer` run the
-  same :class:`LayerPlan` (``layer.inference_plan(x)``, :mod:`kdengine.nn.plan`).
+  :func:`kdengine.serialize.save_packed` / :func:`kdengine.serialize.load_packed`. Their ``forward``
+  and :mod:`kdengine.infer` run the same :class:`LayerPlan` (``layer.inference_plan(x)``, :mod:`kdengine.nn.plan`).
 * ``IFNeuron``, ``MultiStep``, ``IntegrateOutput``: the spiking layers of :mod:`kdengine.snn.layers`.
 """
 from kdengine.nn import binary as _binary

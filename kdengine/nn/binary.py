@@ -1,7 +1,7 @@
 """Training-time binary layers: latent real weights, sign with a clipped straight-through estimator.
 
 The recipe (BinaryNet, Courbariaux et al. 2016; XNOR-Net, Rastegari et al. 2016; the VGG recipe of
-Lu & Sengupta 2020, PAPERS.md section 3):
+Lu & Sengupta 2020, docs/papers.md section 3):
 
 * Each binary layer keeps a real-valued *latent* weight ``W``. The forward pass uses
   ``sign(W)`` (``w >= 0`` is +1, the same convention as :func:`kdengine.ops.pack_signs`) times a
@@ -11,7 +11,7 @@ Lu & Sengupta 2020, PAPERS.md section 3):
   both through the sign (STE) and through ``alpha`` (exact), as in XNOR-Net.
 * After each optimizer step the latent weights are clipped to ``[-1, 1]``
   (:func:`clip_latent_weights_`), so they cannot drift away where the STE would stop them.
-* ``mode="weights"``: binary weights, real activations (the recipe of PAPERS.md section 3: the
+* ``mode="weights"``: binary weights, real activations (the recipe of docs/papers.md section 3: the
   ReLU stays). ``mode="both"``: the layer's input is binarized too, with the same clipped STE, so
   the layer computes exactly what the packed XNOR-popcount kernels compute:
   ``(sign(x) @ sign(W)^T) * alpha + bias``.
@@ -291,7 +291,7 @@ def binarize_model(
         mode: ``"weights"`` (binary weights, real activations) or ``"both"``.
         keep_first_last: leave the first and the last candidate (in registration order, which
             is execution order for ``nn.Sequential``) in full precision, as XNOR-Net and
-            PAPERS.md section 3 do.
+            docs/papers.md section 3 do.
         exclude: names (as in ``model.named_modules()``) to leave in full precision too.
         inplace: modify ``model`` itself instead of a deep copy.
 
@@ -318,7 +318,7 @@ def binarize_model(
         keep.update({candidates[0], candidates[-1]})
     todo = [n for n in candidates if n not in keep]
     if not todo:
-        warnings.warn("binarize_model: no layer was binarized (too few Linear/Conv2d layers)")
+        warnings.warn("binarize_model: no layer was binarized (too few Linear/Conv2d layers)", stacklevel=2)
     for name in todo:
         layer = model.get_submodule(name)
         try:

@@ -98,8 +98,8 @@ class PlannedModule(nn.Module):
 
     Subclasses define ``inference_plan(x, *, out_buffer=False)``. The plans are cached per
     signature, per version of every buffer (an in-place change, a reload or a move builds a new
-    plan), per run option (``backend``, ``mode``, ``check_spikes``) and per inference mode (a plan built under ``torch.inference_mode`` holds inference
-    tensors, which autograd cannot save).
+    plan), per run option (``backend``, ``mode``, ``check_spikes``) and per inference mode (a plan built
+    under ``torch.inference_mode`` holds inference tensors, which autograd cannot save).
     """
 
     def inference_plan(self, x: Tensor, *, out_buffer: bool = False) -> LayerPlan:

@@ -1,4 +1,4 @@
-"""Reproductions and MNIST experiments, one registry: ``kdengine repro NAME`` (PAPERS.md).
+"""Reproductions and MNIST experiments, one registry: ``kdengine repro NAME`` (docs/papers.md).
 
 Each entry is a function ``fn(args: ReproArgs) -> dict`` in a module of this package, registered
 with :func:`register`. Modules are discovered with ``pkgutil.iter_modules`` over this package, so
@@ -6,7 +6,7 @@ adding ``kdengine/repro/<name>.py`` with a ``@register(...)`` function is all it
 
     from kdengine.repro import ReproArgs, register
 
-    @register("tinf", "KD as logits matching: the T -> inf limit (PAPERS.md section 1)",
+    @register("tinf", "KD as logits matching: the T -> inf limit (docs/papers.md section 1)",
               minutes=4, quick_minutes=1)
     def run(args: ReproArgs) -> dict:
         ...
@@ -224,7 +224,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if isinstance(result, dict):
         if result.get("table"):
             print(result["table"])
-        for k, p in (result.get("paths") or {}).items():
+        for _k, p in (result.get("paths") or {}).items():
             print(f"wrote {p}")
     print(f"repro {a.name}: {wall:.1f} s")
     return 0

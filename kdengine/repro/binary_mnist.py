@@ -8,7 +8,7 @@ What it does (``kdengine repro binary_mnist``, or :func:`run`):
 2. Three models trained from the same initialisation seed with Adam + cosine decay, batch 128
    (:func:`kdengine.repro.common.fit_adam_steps`):
 
-   * ``float``: :func:`kdengine.models.vgg_relu` (PAPERS.md section 3 style, ``width=16``).
+   * ``float``: :func:`kdengine.models.vgg_relu` (docs/papers.md section 3 style, ``width=16``).
    * ``weights``: the same network through :func:`kdengine.nn.binarize_model` (``mode="weights"``):
      the middle two convolutions and the hidden fc layer get binary weights (sign times the
      per-channel mean|W|, clipped STE, latent weights clipped to [-1, 1] after every step); the

@@ -207,13 +207,13 @@ def _markdown(res: dict) -> str:
         "| rows, window | " + " | ".join(f"b={b}" for b in BITS) + " | ideal |",
         "|---|" + "---|" * (len(BITS) + 1),
     ]
-    for key, v in cb["accuracy_vs_adc_bits"].items():
+    for _key, v in cb["accuracy_vs_adc_bits"].items():
         a = v["accuracy"]
         lines.append(f"| {v['rows']}, {v['window']} | " + " | ".join(f"{a[str(b)]:.4f}" for b in BITS)
                      + f" | {a['ideal']:.4f} |")
     lines += ["", "Agreement with the ideal crossbar's predictions:", "",
               "| rows, window | " + " | ".join(f"b={b}" for b in BITS) + " |", "|---|" + "---|" * len(BITS)]
-    for key, v in cb["accuracy_vs_adc_bits"].items():
+    for _key, v in cb["accuracy_vs_adc_bits"].items():
         g = v["agreement_with_ideal"]
         lines.append(f"| {v['rows']}, {v['window']} | " + " | ".join(f"{g[str(b)]:.4f}" for b in BITS) + " |")
     lines += ["", "Saturation rate (fraction of conversions clipped), 3-RMS windows: " + "; ".join(
@@ -229,8 +229,9 @@ def _markdown(res: dict) -> str:
         "|---|" + "---|" * len(BERS),
     ]
     for label, res_q in cb["accuracy_vs_bit_error_rate"].items():
-        lines.append(f"| {label} | " + " | ".join(
-            f"{res_q[str(q)]['mean']:.4f} [{res_q[str(q)]['min']:.4f}, {res_q[str(q)]['max']:.4f}]" for q in BERS) + " |")
+        cells = (f"{res_q[str(q)]['mean']:.4f} [{res_q[str(q)]['min']:.4f}, {res_q[str(q)]['max']:.4f}]"
+                 for q in BERS)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Agreement with the ideal crossbar's predictions (mean over seeds): " + "; ".join(
         f"{label}: " + ", ".join(f"{q:g}: {r[str(q)]['agreement_with_ideal']}" for q in BERS)
         for label, r in cb["accuracy_vs_bit_error_rate"].items())]
@@ -253,7 +254,7 @@ def _figure(res: dict) -> Any:
     cb = res["crossbar"]
     fig, (a1, a0, a2) = plt.subplots(1, 3, figsize=(15, 4.4))
     accs = []
-    for key, v in cb["accuracy_vs_adc_bits"].items():
+    for _key, v in cb["accuracy_vs_adc_bits"].items():
         style = dict(marker="o", ls="-" if v["window"] == "3rms" else "--",
                      label=f"{v['rows']} rows, {v['window']} window")
         a1.plot(BITS, [v["accuracy"][str(b)] for b in BITS], **style)

@@ -1,4 +1,4 @@
-"""``kdengine repro tinf``: KD as logits matching, the T -> inf story (PAPERS.md section 1).
+"""``kdengine repro tinf``: KD as logits matching, the T -> inf story (docs/papers.md section 1).
 
 On the project's MNIST split (8,000 train / 2,000 test of the official test images):
 
@@ -63,7 +63,7 @@ def _student(seed: int, hidden: int) -> torch.nn.Module:
 
 
 @register("tinf", "KD as logits matching: 1/T gradient gap, conserved class mean, equal-mean init "
-                  "(MNIST; PAPERS.md section 1)",
+                  "(MNIST; docs/papers.md section 1)",
           minutes=3.5, quick_minutes=0.4, threads=1)
 def run(args: ReproArgs) -> dict[str, Any]:
     dev = args.device
@@ -147,7 +147,8 @@ def run(args: ReproArgs) -> dict[str, Any]:
                  "| gap | " + " | ".join(
                      "{:.3g} ± {:.1g}".format(*mean_std([g[i] for g in gap_rows])) for i in range(len(GAP_TS))) + " |",
                  "| T × gap | " + " | ".join(
-                     "{:.3g}".format(mean_std([g[i] for g in gap_rows])[0] * GAP_TS[i]) for i in range(len(GAP_TS))) + " |",
+                     "{:.3g}".format(mean_std([g[i] for g in gap_rows])[0] * GAP_TS[i])
+                     for i in range(len(GAP_TS))) + " |",
                  "", "Log-log slope for T >= {:g}: {:.3f} ± {:.3f} (theory: -1). The 1/T regime starts once T "
                  "is well above the logit scale (teacher logits: std {:.1f}, max |v| {:.1f}).".format(
                      SLOPE_FROM_T, *mean_std(slopes), float(v_te.std()), float(v_te.abs().max())), ""]
@@ -210,7 +211,7 @@ def run(args: ReproArgs) -> dict[str, Any]:
     wall = time.perf_counter() - args.started
     res = write_results(
         "tinf", rows, args.out_dir,
-        title="KD as logits matching: the T -> inf limit (Chen, Wang, Chen 2021; PAPERS.md §1)",
+        title="KD as logits matching: the T -> inf limit (Chen, Wang, Chen 2021; docs/papers.md §1)",
         group_by=("dataset", "method"), metrics=("test_acc", "train_acc", "class_mean_drift"),
         labels={"test_acc": "test acc (%)", "train_acc": "train acc (%)",
                 "class_mean_drift": "class-mean drift"},

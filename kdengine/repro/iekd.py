@@ -1,4 +1,4 @@
-"""``kdengine repro iekd``: IE-KD (inheritance and exploration, PAPERS.md s6) on MNIST.
+"""``kdengine repro iekd``: IE-KD (inheritance and exploration, docs/papers.md s6) on MNIST.
 
 Per seed: the CNN teacher of ``kdengine repro london`` (same recipe) is trained once; an
 auto-encoder (:class:`~kdengine.methods.iekd.FactorAutoEncoder`) is trained on its last-stage
@@ -85,7 +85,7 @@ def _train_pair(dml_kind: str, cfg: dict, train, test, seed: int) -> dict[str, A
 
 
 @register("iekd", "IE-KD inheritance/exploration KD and IE-DML vs vanilla KD / DML on MNIST "
-                 "(PAPERS.md section 6)",
+                 "(docs/papers.md section 6)",
           minutes=5, quick_minutes=1.2)
 def run(args: ReproArgs) -> dict:
     cfg, train, test = mnist_setup(args, FULL, QUICK)
@@ -119,7 +119,7 @@ def run(args: ReproArgs) -> dict:
             head = IEKD(c2, cfg["factor_channels"], split=split, seed=seed, l_inh=cfg["l_inh"],
                         l_exp=cfg["l_exp"])
 
-            def ie_term(ctx, _head=head):
+            def ie_term(ctx, _head=head, f_t=f_t):
                 l_inh, l_exp = _head.ie_losses(ctx.student_features[LAST_STAGE], f_t[ctx.indices])
                 return _head.l_inh * l_inh + _head.l_exp * l_exp
 

@@ -1,4 +1,4 @@
-"""``kdengine repro london``: LONDON (Lipschitz matching, PAPERS.md s4) on MNIST.
+"""``kdengine repro london``: LONDON (Lipschitz matching, docs/papers.md s4) on MNIST.
 
 Per seed: a CNN teacher is trained once; its logits and its per-example Lipschitz profile (the
 spectral norms of the transmitting matrices between consecutive tapped layers) are computed once
@@ -65,7 +65,7 @@ def train_teacher(cfg: dict, train: tuple[Tensor, Tensor], seed: int) -> torch.n
     return teacher.eval()
 
 
-@register("london", "LONDON Lipschitz-matching KD vs vanilla KD on MNIST (PAPERS.md section 4)",
+@register("london", "LONDON Lipschitz-matching KD vs vanilla KD on MNIST (docs/papers.md section 4)",
           minutes=4.5, quick_minutes=0.5)
 def run(args: ReproArgs) -> dict:
     cfg, train, test = mnist_setup(args, FULL, QUICK)

@@ -1,4 +1,4 @@
-"""``kdengine repro metadistil``: MetaDistil (meta-learned teacher, PAPERS.md s5) on MNIST.
+"""``kdengine repro metadistil``: MetaDistil (meta-learned teacher, docs/papers.md s5) on MNIST.
 
 Per seed: an MLP teacher is trained once on the 8,000 training images. The training set is split
 9:1 (seeded, :func:`~kdengine.methods.metadistil.quiz_split`) into 7,200 train and 800 quiz
@@ -66,7 +66,7 @@ def _metadistil_arm(student, teacher, train, quiz, test, cfg, seed) -> dict[str,
             max(len(quiz_losses) // epochs, 1), "time_s": time.perf_counter() - t0}
 
 
-@register("metadistil", "MetaDistil (meta-learned teacher) vs vanilla KD on MNIST (PAPERS.md section 5)",
+@register("metadistil", "MetaDistil (meta-learned teacher) vs vanilla KD on MNIST (docs/papers.md section 5)",
           minutes=1.2, quick_minutes=0.5)
 def run(args: ReproArgs) -> dict:
     cfg, train, test = mnist_setup(args, FULL, QUICK)
@@ -86,7 +86,7 @@ def run(args: ReproArgs) -> dict:
         torch.manual_seed(1000 + seed)
         init = mlp(784, cfg["student_hidden"], 10).state_dict()
 
-        def fresh():
+        def fresh(init=init):
             m = mlp(784, cfg["student_hidden"], 10)
             m.load_state_dict(init)
             return m

@@ -1,5 +1,5 @@
 """``kdengine repro snn_mnist``: float and binary-weight CNNs on MNIST converted to spiking networks:
-accuracy against time steps, with and without the latency cuts (PAPERS.md section 3, Lu &
+accuracy against time steps, with and without the latency cuts (docs/papers.md section 3, Lu &
 Sengupta 2020).
 
 What it does (``kdengine repro snn_mnist``, or :func:`run`):
@@ -171,7 +171,7 @@ def run(
             n_poisson=(0 if quick else 500) if name == "float" else 0)
     out["wall_seconds"] = round(time.perf_counter() - t_all, 1)
     out["cpu_seconds"] = round(time.process_time() - c_all, 1)
-    out["goals"] = _goals(out)
+    out["checks"] = _checks(out)
     return out
 
 
@@ -317,7 +317,7 @@ def _fmt_trace(acc: dict) -> str:
     return ", ".join(f"T={t}: {v:.4f}" for t, v in acc.items())
 
 
-def _goals(out: dict) -> dict:
+def _checks(out: dict) -> dict:
     g = {}
     for name, m in out["models"].items():
         ann = m["ann_test_accuracy_snn_subset"]
@@ -418,7 +418,7 @@ def _markdown(res: dict) -> str:
         lines.append(f"  layers: {'; '.join(r['layers'])}")
         if r["notes"]:
             lines.append(f"  notes: {'; '.join(r['notes'])}")
-    lines += ["", "## Goals", ""] + [f"- {k}: {v}" for k, v in res["goals"].items()] + [""]
+    lines += ["", "## Checks", ""] + [f"- {k}: {v}" for k, v in res["checks"].items()] + [""]
     return "\n".join(lines)
 
 

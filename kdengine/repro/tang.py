@@ -1,4 +1,4 @@
-"""``kdengine repro tang``: Tang et al., "Understanding and Improving KD" (PAPERS.md section 2).
+"""``kdengine repro tang``: Tang et al., "Understanding and Improving KD" (docs/papers.md section 2).
 
 Students trained alone (CE), with label smoothing (universe level), vanilla KD, the partial teacher
 (instance level only), the class-similarity teacher (domain level only) and both combined; the
@@ -104,7 +104,7 @@ def _plot(fig: Any, summ: list[dict], ref: list[dict]) -> None:
 
 
 @register("tang", "Tang et al.: label smoothing, partial / class-similarity teachers, gradient "
-                  "rescaling (synthetic + MNIST; PAPERS.md section 2)",
+                  "rescaling (synthetic + MNIST; docs/papers.md section 2)",
           minutes=3, quick_minutes=0.2, threads=1)
 def run(args: ReproArgs) -> dict[str, Any]:
     dev = args.device
@@ -195,7 +195,7 @@ def run(args: ReproArgs) -> dict[str, Any]:
              "threads": 1, "kd_loss backend": kd_backend(dev)}
     res = write_results(
         "tang", rows, args.out_dir,
-        title="Understanding and Improving KD (Tang et al. 2020; PAPERS.md §2): which level of "
+        title="Understanding and Improving KD (Tang et al. 2020; docs/papers.md §2): which level of "
               "teacher knowledge helps",
         group_by=("dataset", "method"), metrics=("test_acc", "train_acc"),
         labels={"test_acc": "test acc (%)", "train_acc": "train acc (%)"},

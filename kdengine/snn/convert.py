@@ -1,4 +1,4 @@
-"""ANN -> SNN conversion (Lu & Sengupta 2020, PAPERS.md section 3; Diehl 2015, Rueckauer 2017).
+"""ANN -> SNN conversion (Lu & Sengupta 2020, docs/papers.md section 3; Diehl 2015, Rueckauer 2017).
 
 ``convert(model, calibration_data, percentile=99.9, ...)`` turns a ReLU network (float, or with
 binary weights from :mod:`kdengine.nn`) into a :class:`SpikingNetwork` of integrate-and-fire
@@ -435,7 +435,7 @@ class Calibration:
         for i, (acts, p, s) in enumerate(zip(self.activations, ps, ss)):
             if acts.numel() == 0:
                 warnings.warn(f"hidden layer {i} never activated on the calibration data; "
-                              "using lambda = 1")
+                              "using lambda = 1", stacklevel=2)
                 lam = 1.0
             else:
                 lam = _nearest_rank(acts, p)

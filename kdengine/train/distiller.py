@@ -703,7 +703,8 @@ class Distiller:
                         bar.update(1)
                         bar.set_postfix(loss=f"{float(total):.4f}")
                     stop = max_steps is not None and self.global_step >= max_steps
-                    if checkpoint is not None and (stop or (checkpoint_every and self.global_step % checkpoint_every == 0)):
+                    due = bool(checkpoint_every) and self.global_step % checkpoint_every == 0
+                    if checkpoint is not None and (stop or due):
                         self.save_checkpoint(checkpoint)
                     if stop:
                         return self.history

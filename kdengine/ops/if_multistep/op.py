@@ -335,8 +335,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _in_state_dtype(name: str, value: float, sd: torch.dtype, x_dtype: torch.dtype) -> float:
     """``value`` rounded to the state dtype ``sd`` (every backend computes in it); ValueError if it
-    rounds to +-inf there (e.g. v_threshold=1e39 with float32 state: the backends used to
-    disagree -- no spikes, NaN -- instead of failing)."""
+    rounds to +-inf there (e.g. v_threshold=1e39 with float32 state, where the backends would
+    otherwise disagree -- no spikes, NaN -- instead of failing)."""
     if sd == torch.float64:
         return value  # already finite: checked by the caller
     try:

@@ -309,7 +309,7 @@ def kd_loss(
         teacher_logits: ``(..., V)`` raw teacher logits, same shape and device (a different
             floating dtype is converted to the student's). Differentiable too when it requires grad.
         temperature: T > 0, or ``float("inf")`` for the exact T -> inf limit (centered logits
-            matching, on the same scale as T^2 KL; PAPERS.md section 1).
+            matching, on the same scale as T^2 KL; docs/papers.md section 1).
         reduction: ``"batchmean"`` (sum over V, mean over rows; default), ``"sum"``, ``"mean"``
             (mean over all elements, torch's kl_div parity) or ``"none"`` (per row, shape ``...``).
         divergence: ``"forward_kl"`` (KL(teacher || student), default), ``"reverse_kl"`` or

@@ -10,7 +10,7 @@ Per row r (a = s/T, b = t/T, q = softmax(a) the student, p = softmax(b) the teac
 * reverse KL  D = sum_i q_i (log q_i - log p_i)
 * JSD(beta)   D = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
 * KD_r = T^2 D when ``scale_t2`` else D.  At T = inf it is the exact limit of T^2 D
-  (PAPERS.md section 1): k/(2V') * ||(s - t) - mean(s - t)||^2 over the V' entries that are not
+  (docs/papers.md section 1): k/(2V') * ||(s - t) - mean(s - t)||^2 over the V' entries that are not
   -inf in both inputs, k = 1 for the KLs and beta (1 - beta) for JSD.
 * CE_r = -(1 - eps) log softmax(s)_y - eps/V sum_i log softmax(s)_i   (hard labels, T = 1)
 * L_r = w_r (alpha CE_r + (1 - alpha) KD_r), w_r = 0 for rows whose label is ignore_index.
