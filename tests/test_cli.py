@@ -46,6 +46,26 @@ def test_every_subcommand_and_flag_has_help_text():
     assert not missing, f"flags without help text: {missing}"
 
 
+def test_pass_through_subcommands_document_their_flags():
+    """`repro` and `infer` parse their own arguments: their parsers explain every flag too."""
+    from kdengine.infer import infer_parser
+    from kdengine.repro import _parser as repro_parser
+
+    for name, parser in (("infer", infer_parser()), ("repro", repro_parser())):
+        assert not _undocumented(parser), f"kdengine {name}: flags without help text: {_undocumented(parser)}"
+        assert parser.format_help().startswith(f"usage: kdengine {name}")
+
+
+def test_pass_through_help_reaches_the_subcommand(capsys):
+    import pytest
+
+    for name in ("repro", "infer"):
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: kdengine {name}")
+
+
 def test_doctor_prints_one_table(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out

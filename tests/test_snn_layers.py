@@ -156,7 +156,7 @@ def test_spiking_binary_conv_equals_float_conv_exactly(seed, c, o, k, stride, pa
     wt = _pm1(o, c, *kk)
     scale = torch.rand(o) + 0.1
     bias = torch.randn(o)
-    layer = SpikingBinaryConv2d(wt, scale, bias, stride, pad, dil)
+    layer = SpikingBinaryConv2d.from_signs(wt, scale, bias, stride, pad, dil)
     assert torch.equal(layer.sign_weight(), wt)
     x = (torch.rand(3, 2, c, h, w) < 0.35).float()
     y = layer(x)
@@ -170,30 +170,69 @@ def test_spiking_binary_conv_equals_float_conv_exactly(seed, c, o, k, stride, pa
 def test_spiking_binary_linear_equals_float_exactly(seed, k):
     wt = _pm1(6, k)
     scale = torch.rand(6)
-    layer = SpikingBinaryLinear(wt, scale, None)
+    layer = SpikingBinaryLinear.from_signs(wt, scale, None)
     x = (torch.rand(4, 3, k) < 0.4).float()
     ref = (x.double() @ wt.double().T).float() * scale
     assert torch.equal(layer(x), ref)
     assert torch.equal(layer(x.bool()), ref)
 
 
+def test_spiking_binary_conv_input_layouts_and_dtypes(seed):
+    """Bool, integer, float16 and channels-last spikes (what IFNeuron hands on after a
+    channels-last conv) give the same output as contiguous float32 spikes; the forward is the
+    layer's plan."""
+    wt = _pm1(6, 35, 3, 3)
+    layer = SpikingBinaryConv2d.from_signs(wt, torch.rand(6) + 0.1, torch.randn(6), 1, 1, 1)
+    x = (torch.rand(2, 3, 35, 8, 7) < 0.3).float()
+    ref = layer(x)
+    dot = F.conv2d(x.flatten(0, 1).double(), wt.double(), None, 1, 1).float()
+    assert torch.equal(ref, (dot * layer.scale.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)).unflatten(0, (2, 3)))
+    cl = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    assert not cl.is_contiguous()
+    for xi in (x.bool(), x.to(torch.int64), x.half(), cl):
+        assert torch.equal(layer(xi), ref)
+    assert torch.equal(layer.inference_plan(x).run(x), ref)
+    assert layer.inference_plan(x).out_shape == tuple(ref.shape)
+
+
+def test_spiking_binary_layers_constructed_like_torch_layers(seed):
+    """The torch-style constructor makes the buffers; loading a from_signs layer's state gives
+    its outputs (the forward plans follow the loaded weights)."""
+    wt = _pm1(4, 5, 2, 3)
+    src = SpikingBinaryConv2d.from_signs(wt, torch.rand(4), torch.randn(4), 2, (1, 0), 1)
+    dst = SpikingBinaryConv2d(5, 4, (2, 3), 2, (1, 0), 1, True)
+    x = (torch.rand(2, 1, 5, 7, 6) < 0.5).float()
+    assert not torch.equal(dst(x), src(x))
+    dst.load_state_dict(src.state_dict())
+    assert torch.equal(dst(x), src(x))
+    assert torch.equal(dst.sign_weight(), wt)
+    lin = SpikingBinaryLinear(9, 3)
+    assert lin.bias is None and torch.equal(lin.sign_weight(), torch.ones(3, 9))
+    assert torch.equal(lin(torch.ones(1, 2, 9)), torch.full((1, 2, 3), 9.0))
+
+
 def test_spiking_binary_layers_reject_bad_inputs():
-    layer = SpikingBinaryLinear(_pm1(3, 8), torch.ones(3))
+    layer = SpikingBinaryLinear.from_signs(_pm1(3, 8), torch.ones(3))
+    with pytest.raises(ValueError, match="spikes"):
+        layer(torch.full((2, 1, 8), 0.5))
+    layer.check_spikes = False  # the forward plan follows the option
+    assert layer(torch.full((2, 1, 8), 0.5)).shape == (2, 1, 3)
+    layer.check_spikes = True
     with pytest.raises(ValueError, match="spikes"):
         layer(torch.full((2, 1, 8), 0.5))
     with pytest.raises(ValueError, match="features"):
         layer(torch.zeros(2, 1, 9))
     with pytest.raises(ValueError, match=r"\+1 and -1"):
-        SpikingBinaryLinear(torch.rand(3, 8), torch.ones(3))
+        SpikingBinaryLinear.from_signs(torch.rand(3, 8), torch.ones(3))
     with pytest.raises(ValueError, match="shape"):
-        SpikingBinaryLinear(_pm1(3, 8), torch.ones(4))
-    conv = SpikingBinaryConv2d(_pm1(2, 3, 3, 3), torch.ones(2))
+        SpikingBinaryLinear.from_signs(_pm1(3, 8), torch.ones(4))
+    conv = SpikingBinaryConv2d.from_signs(_pm1(2, 3, 3, 3), torch.ones(2))
     with pytest.raises(ValueError, match="channels"):
         conv(torch.zeros(1, 1, 4, 5, 5))
 
 
 def test_spiking_modules_are_kdengine_nn_layers(seed):
-    """The spiking modules are public as kdengine.nn.IFNeuron / MultiStep / IntegrateOutput: a model built from
+    """kdengine.nn names them too (IFNeuron / MultiStep / IntegrateOutput): a model built from
     kdengine.nn alone runs T steps and predicts from the integrated potential."""
     import kdengine.nn as knn
 

@@ -4,7 +4,7 @@
   no pickle) -> :class:`InferenceModel` (``predict``, ``predict_batches``, ``latency``,
   ``plan_summary``).
 * :func:`infer_main` — the ``kdengine infer MODEL INPUT [--batch N] [--json]`` command
-  (also ``python -m kdengine.infer``).
+  (also ``python -m kdengine.infer``; its arguments: :func:`infer_parser`).
 * :func:`load_input` — the command's INPUT: ``.npy`` / ``.npz`` / ``.safetensors`` or
   ``mnist:SPLIT[:N]``.
 """
@@ -13,8 +13,9 @@ from kdengine.infer.runtime import (
     InferenceModel,
     LatencyStats,
     infer_main,
+    infer_parser,
     load,
     load_input,
 )
 
-__all__ = ["load", "InferenceModel", "LatencyStats", "MAX_PLANS", "infer_main", "load_input"]
+__all__ = ["load", "InferenceModel", "LatencyStats", "MAX_PLANS", "infer_main", "infer_parser", "load_input"]
