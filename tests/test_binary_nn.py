@@ -461,21 +461,3 @@ def test_nn_and_snn_import_without_a_cycle(first):
             elif isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
             assert not any(n.startswith("kdengine.snn") for n in names), (path.name, names)
-
-
-# --------------------------------------------------------------------------- the MNIST experiment
-
-
-@pytest.mark.slow
-def test_binary_mnist_experiment_smoke():
-    """One epoch of the two binary variants: well above chance, packed == trained, 1 bit/weight."""
-    from kdengine.repro.binary_mnist import run
-
-    res = run(seed=0, epochs=1, quiet=True, variants=("weights", "both"))
-    assert res["data"]["n_train"] == 8000 and res["data"]["n_test"] == 2000
-    for name, v in res["variants"].items():
-        assert v["test_accuracy"] > 0.5, name
-        assert v["packed_vs_trained_prediction_mismatches"] == 0, name
-        assert v["packed_test_accuracy"] == v["test_accuracy"], name
-        assert v["binary_layers_compression"] > 30, name
-        assert v["packed_state_bytes"] * 10 < v["fp32_state_bytes"], name

@@ -60,6 +60,9 @@ def _find_nvcc() -> str | None:
 
 
 NVCC = _find_nvcc()
+# nvcc needs about two minutes of a 2-core machine on a cold cache: not in the default run
+# (`python -m pytest -m slow` runs it; CI runs both).
+pytestmark = pytest.mark.slow
 needs_nvcc = pytest.mark.skipif(
     NVCC is None,
     reason="nvcc not found (neither $CUDA_HOME/bin/nvcc, $CUDA_PATH/bin/nvcc, PATH nor "

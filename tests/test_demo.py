@@ -36,6 +36,7 @@ def tiny(tmp_path_factory):
     return res, out
 
 
+@pytest.mark.slow  # the tiny demo run trains three nets (about 20 s)
 def test_table_rows_and_numbers(tiny):
     res, _ = tiny
     rows = res["table"]
@@ -63,6 +64,7 @@ def test_table_rows_and_numbers(tiny):
     assert len(res["snn"]["trace_tuned"]) == TINY["t_max"]
 
 
+@pytest.mark.slow  # the tiny demo run trains three nets (about 20 s)
 def test_crossbar_ideal_equals_packed(tiny):
     res, _ = tiny
     x = res["crossbar"]
@@ -73,6 +75,7 @@ def test_crossbar_ideal_equals_packed(tiny):
     assert not x["digital_binary_layers"]  # every binary layer of the XNOR student is mapped
 
 
+@pytest.mark.slow  # the tiny demo run trains three nets (about 20 s)
 def test_files_written_and_consistent(tiny):
     res, out = tiny
     for name in ("demo.json", "demo.md", MODEL_FILE):

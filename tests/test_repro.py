@@ -181,8 +181,15 @@ def test_binary_mnist_quick_entry_writes_its_results(tmp_path, fake_checkout):
     assert repro.main(["binary_mnist", "--quick", "--out", str(tmp_path / "o")]) == 0
     res = json.loads((tmp_path / "o" / "binary_mnist.json").read_text())
     assert res["data"]["n_train"] == 2000 and res["data"]["n_test"] == 500
+    assert set(res["variants"]) == {"float", "weights", "both"}
     for name, v in res["variants"].items():
         assert v["test_accuracy"] > 0.5, name
-    assert res["variants"]["both"]["packed_vs_trained_prediction_mismatches"] == 0
+        if name == "float":
+            continue
+        # the packed model predicts what the trained one did, at 1 bit per binary weight
+        assert v["packed_vs_trained_prediction_mismatches"] == 0, name
+        assert v["packed_test_accuracy"] == v["test_accuracy"], name
+        assert v["binary_layers_compression"] > 30, name
+        assert v["packed_state_bytes"] * 10 < v["fp32_state_bytes"], name
     assert "| both |" in (tmp_path / "o" / "binary_mnist.md").read_text()
     assert _files(committed) == []
