@@ -23,10 +23,7 @@ from kdengine.llm.fused_linear import (
     fused_linear_chunked,
     loss_denominator,
 )
-from kdengine.llm.topk import _check_zero_mass, _validate, make_topk_config, topk_kd_rows
-
-_REDUCTIONS = ("batchmean", "sum", "mean", "none")
-
+from kdengine.llm.topk import _check_zero_mass, _topk_config, _validate, topk_kd_rows
 
 class _TopKTeacherRows:
     """The teacher source of the chunk loop: slices of the (N, k) indices and log-probs."""
@@ -76,11 +73,8 @@ def fused_linear_topk_kd_loss(
         ``reduction="none"``. Differentiable in hidden, weight and bias (first order only).
     """
     hs, w, v, lead = check_student_head(student_hidden, student_weight, student_bias)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
-    cfg = make_topk_config(temperature, divergence=divergence, missing_mass=missing_mass,
-                           scale_t2=scale_t2, hard_weight=hard_weight, has_labels=labels is not None,
-                           ignore_index=ignore_index, label_smoothing=label_smoothing)
+    cfg = _topk_config(temperature, divergence, missing_mass, reduction, scale_t2, hard_weight,
+                       ignore_index, label_smoothing, labels is not None)
     # The top-k checks need only the logits' shape, dtype and device: a zero-stride stand-in.
     proxy = hs.new_zeros(()).expand(*lead, v)
     _, idx, lp, lab = _validate(proxy, topk_indices, topk_logprobs, labels, cfg.ignore_index)
