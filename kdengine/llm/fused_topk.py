@@ -64,9 +64,7 @@ def fused_linear_topk_kd_loss(
             ``temperature``.
         divergence, missing_mass, reduction, scale_t2, labels, hard_weight, ignore_index,
         label_smoothing: as in :func:`kdengine.llm.topk.topk_kd_loss`.
-        num_items_in_batch: divide the summed loss by this count instead of this batch's
-            (non-ignored) rows, so that micro-batches accumulate to the big batch's gradient.
-        chunk_size: rows per chunk (default: automatic, see :mod:`kdengine.llm.fused_linear`).
+        num_items_in_batch, chunk_size: as in :func:`kdengine.llm.fused_linear.fused_linear_kd_loss`.
 
     Returns:
         The loss in ``student_hidden``'s dtype: a scalar, or per row (shape ``...``) for
