@@ -56,6 +56,41 @@ def json_sha256(header: Mapping[str, Any], exclude: Iterable[str], *, allow_nan:
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
 
+SEALS = ("payload_sha256", "manifest_sha256")
+
+
+def kdengine_version() -> str:
+    from kdengine import __version__
+
+    return __version__
+
+
+def manifest_sha256(manifest: Mapping[str, Any]) -> str:
+    return json_sha256(manifest, SEALS)
+
+
+def check_sealed_manifest(m: Any, where: str, *, format_name: str, format_version: int) -> dict:
+    """What a manifest of :func:`write_sealed_safetensors` must be before any of its own fields is
+    read: a JSON object of ``format_name`` and ``format_version`` carrying both hashes, its own
+    hash matching. Returns it; a ValueError naming ``where`` otherwise."""
+    if not isinstance(m, dict):
+        raise ValueError(f"{where}: the manifest is not a JSON object")
+    if m.get("format") != format_name:
+        raise ValueError(f"{where}: manifest format is {m.get('format')!r}, expected {format_name!r}")
+    ver = m.get("format_version")
+    if ver != format_version or isinstance(ver, bool):
+        raise ValueError(
+            f"{where}: unsupported format_version {ver!r}; this kdengine ({kdengine_version()}) reads "
+            f"format_version {format_version}"
+        )
+    for key in SEALS:
+        if not isinstance(m.get(key), str):
+            raise ValueError(f"{where}: manifest has no {key}")
+    if manifest_sha256(m) != m["manifest_sha256"]:
+        raise ValueError(f"{where}: manifest hash mismatch: the manifest was altered or corrupted")
+    return m
+
+
 def write_sealed_safetensors(path: "str | os.PathLike[str]", tensors: Mapping[str, Tensor],
                              manifest: dict, *, format_name: str, manifest_key: str) -> dict:
     """Add ``payload_sha256`` and ``manifest_sha256`` to ``manifest``, store it as JSON in the
@@ -64,7 +99,7 @@ def write_sealed_safetensors(path: "str | os.PathLike[str]", tensors: Mapping[st
     from safetensors.torch import save as st_save
 
     manifest["payload_sha256"] = payload_sha256(tensors)
-    manifest["manifest_sha256"] = json_sha256(manifest, ("payload_sha256", "manifest_sha256"))
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
     data = st_save(dict(tensors), metadata={"format": format_name,
                                             manifest_key: json.dumps(manifest, allow_nan=False)})
     path = os.fspath(path)

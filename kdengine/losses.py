@@ -6,10 +6,43 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from kdengine.ops.kd_loss import _check_logits, kd_loss
+from kdengine.ops.kd_loss import _check_logits, kd_loss, make_config
 
 
-class KDLoss(nn.Module):
+def check_kd_options(temperature: object, reduction: str, divergence: str, beta: object,
+                     hard_weight: object, ignore_index: object, label_smoothing: object,
+                     scale_t2: object, **_other: object) -> None:
+    """Validate the :func:`kdengine.kd_loss` options of a module's constructor; the other options
+    of its function are the caller's to check. Labels are assumed present (only forward knows)."""
+    make_config(temperature, reduction, divergence, beta, hard_weight, True, ignore_index,
+                label_smoothing, scale_t2, False)
+
+
+class OptionsLoss(nn.Module):
+    """Base of the loss modules: a loss function whose options the constructor fixes.
+
+    A subclass's ``__init__`` (the function's option keywords, with the function's defaults)
+    passes its ``locals()`` here; each option becomes an attribute of the same name, and
+    :attr:`kwargs` hands them all back as keywords of the function on every call.
+    """
+
+    def __init__(self, options: dict) -> None:
+        super().__init__()
+        # locals() of the subclass __init__ also holds self and the zero-argument super() cell.
+        self._option_names = tuple(k for k in options if k not in ("self", "__class__"))
+        for name in self._option_names:
+            setattr(self, name, options[name])
+
+    @property
+    def kwargs(self) -> dict:
+        """The options as keyword arguments of the module's loss function."""
+        return {name: getattr(self, name) for name in self._option_names}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if v is not None)
+
+
+class KDLoss(OptionsLoss):
     """nn.Module wrapper of :func:`kdengine.kd_loss`; the constructor fixes every option.
 
     ``forward(student_logits, teacher_logits, labels=None)``: ``(..., V)`` logits, optional
@@ -29,27 +62,12 @@ class KDLoss(nn.Module):
         scale_t2: bool = True,
         backend: Optional[str] = None,
     ) -> None:
-        super().__init__()
-        self.temperature = temperature
-        self.kwargs = dict(
-            reduction=reduction, divergence=divergence, beta=beta, hard_weight=hard_weight,
-            ignore_index=ignore_index, label_smoothing=label_smoothing, scale_t2=scale_t2,
-            backend=backend,
-        )
-        # Validate now, not at the first batch (labels presence is only known in forward).
-        from kdengine.ops.kd_loss import make_config
-
-        make_config(temperature, reduction, divergence, beta,
-                    0.0 if hard_weight is None else hard_weight, True, ignore_index,
-                    label_smoothing, scale_t2, False)
+        super().__init__(locals())
+        check_kd_options(**self.kwargs)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor,
                 labels: Optional[Tensor] = None) -> Tensor:
-        return kd_loss(student_logits, teacher_logits, self.temperature, labels=labels, **self.kwargs)
-
-    def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if v is not None)
-        return f"temperature={self.temperature}, {opts}"
+        return kd_loss(student_logits, teacher_logits, labels=labels, **self.kwargs)
 
 
 def logits_matching_loss(

@@ -61,7 +61,13 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor, nn
 
-from kdengine._integrity import check_regular_file, json_sha256, payload_sha256, write_sealed_safetensors
+from kdengine._integrity import (
+    check_regular_file,
+    check_sealed_manifest,
+    kdengine_version,
+    payload_sha256,
+    write_sealed_safetensors,
+)
 
 from kdengine.nn.binary import MODES, BinaryConv2d, BinaryLinear
 from kdengine.nn.packed import PackedBinaryConv2d, PackedBinaryLinear
@@ -87,12 +93,6 @@ _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 # safetensors' own dtype names (in its header) for the dtypes above.
 _ST_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16",
               "I32": "int32", "I64": "int64"}
-
-
-def _version() -> str:
-    from kdengine import __version__
-
-    return __version__
 
 
 # --------------------------------------------------------------------------- config schemas
@@ -371,15 +371,6 @@ def _build(node: Any, where: str) -> nn.Module:
         raise ValueError(f"manifest layer {label!r} ({kind}): cannot build it: {exc}") from exc
 
 
-# --------------------------------------------------------------------------- hashing
-
-
-def _payload_sha256(tensors: dict[str, Tensor]) -> str:
-    return payload_sha256(tensors)
-
-def _manifest_sha256(manifest: dict) -> str:
-    return json_sha256(manifest, ("payload_sha256", "manifest_sha256"))
-
 # --------------------------------------------------------------------------- save
 
 
@@ -442,7 +433,7 @@ def save_packed(model: nn.Module, path: PathLike, *, input_shape: Any = None) ->
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "kdengine_version": _version(),
+        "kdengine_version": kdengine_version(),
         "model": tree,
         "tensors": {n: {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for n, t in tensors.items()},
     }
@@ -524,23 +515,9 @@ def _manifest_from_header(header: dict, where: str) -> dict:
             f"got keys {sorted(meta)} (file altered?)"
         )
     manifest = _json_loads(meta[MANIFEST_KEY], where, "the manifest")
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{where}: the manifest is not a JSON object")
-    if manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{where}: manifest format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-    ver = manifest.get("format_version")
-    if ver != FORMAT_VERSION or isinstance(ver, bool):
-        raise ValueError(
-            f"{where}: unsupported format_version {ver!r}; this kdengine ({_version()}) reads "
-            f"format_version {FORMAT_VERSION}"
-        )
+    check_sealed_manifest(manifest, where, format_name=FORMAT_NAME, format_version=FORMAT_VERSION)
     if not isinstance(manifest.get("kdengine_version"), str):
         raise ValueError(f"{where}: manifest has no kdengine_version string")
-    for key in ("payload_sha256", "manifest_sha256"):
-        if not isinstance(manifest.get(key), str):
-            raise ValueError(f"{where}: manifest has no {key}")
-    if _manifest_sha256(manifest) != manifest["manifest_sha256"]:
-        raise ValueError(f"{where}: manifest hash mismatch: the manifest was altered or corrupted")
     if not isinstance(manifest.get("tensors"), dict) or "model" not in manifest:
         raise ValueError(f"{where}: manifest lacks 'model' or 'tensors'")
     if manifest.get("input_shape") is not None:
@@ -623,7 +600,7 @@ def load_packed_with_manifest(path: PathLike, device: Union[str, torch.device] =
             raise ValueError(
                 f"{where}: tensor {name!r} has shape {list(t.shape)}, the manifest says {info.get('shape')!r}"
             )
-    if _payload_sha256(tensors) != manifest["payload_sha256"]:
+    if payload_sha256(tensors) != manifest["payload_sha256"]:
         raise ValueError(f"{where}: tensor payload hash mismatch: the tensor data was altered or corrupted")
 
     try:

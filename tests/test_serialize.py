@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdengine import serialize
+from kdengine import _integrity
 from kdengine.nn import BinaryLinear, PackedBinaryConv2d, PackedBinaryLinear, binarize_model, pack_model
 from kdengine.serialize import FORMAT_VERSION, load_packed, read_manifest, save_packed
 
@@ -54,9 +54,9 @@ def _rewrite(path, mutate, *, rehash_manifest: bool = True, rehash_payload: bool
     tensors = load(data)
     mutate(manifest, tensors)
     if rehash_payload:
-        manifest["payload_sha256"] = serialize._payload_sha256(tensors)
+        manifest["payload_sha256"] = _integrity.payload_sha256(tensors)
     if rehash_manifest:
-        manifest["manifest_sha256"] = serialize._manifest_sha256(manifest)
+        manifest["manifest_sha256"] = _integrity.manifest_sha256(manifest)
     meta["kdengine_manifest"] = json.dumps(manifest)
     path.write_bytes(save(tensors, metadata=meta))
 

@@ -161,7 +161,7 @@ def test_truncated_and_garbage_files(tmp_path):
 
 
 def _rehash(edit):
-    from kdengine.llm.teacher_cache import _manifest_sha256
+    from kdengine._integrity import manifest_sha256 as _manifest_sha256
 
     def f(m, h):
         edit(m, h)
@@ -189,7 +189,7 @@ def test_indices_out_of_range_rejected(tmp_path):
     """A file whose hashes are consistent but whose ids exceed V (a writer bug or a forgery)."""
     from safetensors.torch import save
 
-    from kdengine.llm.teacher_cache import _manifest_sha256, _payload_sha256
+    from kdengine._integrity import manifest_sha256 as _manifest_sha256, payload_sha256 as _payload_sha256
 
     path = _build(tmp_path)
     cache = load_teacher_cache(path)

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdengine import cli, serialize
+from kdengine import cli
+from kdengine._integrity import manifest_sha256
 from kdengine.infer import load, load_input
 from kdengine.serialize import save_packed
 
@@ -60,7 +61,7 @@ def _forge(model_path: Path, edit) -> bytes:
     header, _ = _split(model_path.read_bytes())
     manifest = json.loads(header["__metadata__"]["kdengine_manifest"])
     edit(manifest)
-    manifest["manifest_sha256"] = serialize._manifest_sha256(manifest)
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
     return _with_manifest_text(model_path, json.dumps(manifest))
 
 

@@ -61,9 +61,10 @@ import numbers
 from typing import Callable, Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from kdengine import _dispatch
+from kdengine.losses import OptionsLoss, check_kd_options
 from kdengine.ops.kd_loss.config import KDConfig, Reduction
 from kdengine.ops.kd_loss import make_config
 
@@ -369,6 +370,11 @@ def check_chunk_size(chunk_size: object, n: int, v: int) -> int:
     return int(chunk_size)
 
 
+def check_teacher_vocab(teacher_vocab: object) -> None:
+    if teacher_vocab not in TEACHER_VOCAB_CHOICES:
+        raise ValueError(f"teacher_vocab must be one of {TEACHER_VOCAB_CHOICES}, got {teacher_vocab!r}")
+
+
 def loss_denominator(reduction: str, num_items_in_batch: object, labels: Optional[Tensor],
                      ignore_index: int, n: int, v: int) -> float:
     """What the summed loss is divided by: 1 (sum, none), the count of non-ignored rows (or
@@ -400,8 +406,7 @@ def _prepare(
     hs, w, v, lead = check_student_head(student_hidden, student_weight, student_bias)
     h2 = hs.reshape(-1, hs.shape[-1])
     n = h2.shape[0]
-    if teacher_vocab not in TEACHER_VOCAB_CHOICES:
-        raise ValueError(f"teacher_vocab must be one of {TEACHER_VOCAB_CHOICES}, got {teacher_vocab!r}")
+    check_teacher_vocab(teacher_vocab)
 
     def _vocab(vt: int, what: str) -> None:
         if vt == v:
@@ -572,7 +577,7 @@ def fused_linear_kd_loss(
     return _fused_core(h2, w, b, plan, lead)
 
 
-class FusedLinearKDLoss(nn.Module):
+class FusedLinearKDLoss(OptionsLoss):
     """nn.Module of :func:`fused_linear_kd_loss`; the constructor fixes the options.
 
     ``forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
@@ -595,21 +600,10 @@ class FusedLinearKDLoss(nn.Module):
         teacher_vocab: str = "strict",
         backend: Optional[str] = None,
     ) -> None:
-        super().__init__()
-        make_config(temperature, reduction, divergence, beta,
-                    0.0 if hard_weight is None else hard_weight, True, ignore_index,
-                    label_smoothing, scale_t2, False)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size <= 0):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        if teacher_vocab not in TEACHER_VOCAB_CHOICES:
-            raise ValueError(f"teacher_vocab must be one of {TEACHER_VOCAB_CHOICES}, got {teacher_vocab!r}")
-        self.temperature = temperature
-        self.kwargs = dict(
-            reduction=reduction, divergence=divergence, beta=beta, hard_weight=hard_weight,
-            ignore_index=ignore_index, label_smoothing=label_smoothing, scale_t2=scale_t2,
-            chunk_size=chunk_size, teacher_vocab=teacher_vocab, backend=backend,
-        )
+        super().__init__(locals())
+        check_kd_options(**self.kwargs)
+        check_chunk_size(chunk_size, 1, 1)
+        check_teacher_vocab(teacher_vocab)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor,
                 teacher_hidden: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None, *,
@@ -619,10 +613,5 @@ class FusedLinearKDLoss(nn.Module):
         return fused_linear_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight,
             teacher_logits=teacher_logits, student_bias=student_bias, teacher_bias=teacher_bias,
-            labels=labels, num_items_in_batch=num_items_in_batch, temperature=self.temperature,
-            **self.kwargs,
+            labels=labels, num_items_in_batch=num_items_in_batch, **self.kwargs,
         )
-
-    def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items() if v is not None)
-        return f"temperature={self.temperature}, {opts}"

@@ -23,10 +23,7 @@ from kdengine.llm.fused_linear import (
     fused_linear_chunked,
     loss_denominator,
 )
-from kdengine.llm.topk import _check_zero_mass, _validate, make_topk_config, topk_kd_rows
-
-_REDUCTIONS = ("batchmean", "sum", "mean", "none")
-
+from kdengine.llm.topk import _check_zero_mass, _topk_config, _validate, topk_kd_rows
 
 class _TopKTeacherRows:
     """The teacher source of the chunk loop: slices of the (N, k) indices and log-probs."""
@@ -67,20 +64,15 @@ def fused_linear_topk_kd_loss(
             ``temperature``.
         divergence, missing_mass, reduction, scale_t2, labels, hard_weight, ignore_index,
         label_smoothing: as in :func:`kdengine.llm.topk.topk_kd_loss`.
-        num_items_in_batch: divide the summed loss by this count instead of this batch's
-            (non-ignored) rows, so that micro-batches accumulate to the big batch's gradient.
-        chunk_size: rows per chunk (default: automatic, see :mod:`kdengine.llm.fused_linear`).
+        num_items_in_batch, chunk_size: as in :func:`kdengine.llm.fused_linear.fused_linear_kd_loss`.
 
     Returns:
         The loss in ``student_hidden``'s dtype: a scalar, or per row (shape ``...``) for
         ``reduction="none"``. Differentiable in hidden, weight and bias (first order only).
     """
     hs, w, v, lead = check_student_head(student_hidden, student_weight, student_bias)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
-    cfg = make_topk_config(temperature, divergence=divergence, missing_mass=missing_mass,
-                           scale_t2=scale_t2, hard_weight=hard_weight, has_labels=labels is not None,
-                           ignore_index=ignore_index, label_smoothing=label_smoothing)
+    cfg = _topk_config(temperature, divergence, missing_mass, reduction, scale_t2, hard_weight,
+                       ignore_index, label_smoothing, labels is not None)
     # The top-k checks need only the logits' shape, dtype and device: a zero-stride stand-in.
     proxy = hs.new_zeros(()).expand(*lead, v)
     _, idx, lp, lab = _validate(proxy, topk_indices, topk_logprobs, labels, cfg.ignore_index)

@@ -40,9 +40,10 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from kdengine.llm.fused_linear import _fused_core, _prepare
+from kdengine.losses import OptionsLoss
 
 
 def _divergence_for(beta: float, divergence: Optional[str]) -> str:
@@ -108,7 +109,7 @@ def liger_fused_linear_kd_loss(
     return _fused_core(h2, w, b, plan, lead)
 
 
-class LigerCompatFusedLinearKDLoss(nn.Module):
+class LigerCompatFusedLinearKDLoss(OptionsLoss):
     """Liger's ``LigerFusedLinearJSDLoss`` signature on kdengine's fused path (module docstring)."""
 
     def __init__(
@@ -126,20 +127,11 @@ class LigerCompatFusedLinearKDLoss(nn.Module):
         teacher_vocab: str = "strict",
         backend: Optional[str] = None,
     ) -> None:
-        super().__init__()
+        super().__init__(locals())
         if temperature == 0:
             raise ValueError("temperature must be > 0, got 0")
-        self.weight_hard_loss = _check_weight("weight_hard_loss", weight_hard_loss)
-        self.weight_soft_loss = _check_weight("weight_soft_loss", weight_soft_loss)
-        self.beta = beta
-        self.ignore_index = ignore_index
-        self.temperature = temperature
-        self.compiled = compiled
-        self.chunk_size = chunk_size
-        self.return_soft_hard_loss = return_soft_hard_loss
-        self.divergence = divergence
-        self.teacher_vocab = teacher_vocab
-        self.backend = backend
+        _check_weight("weight_hard_loss", weight_hard_loss)
+        _check_weight("weight_soft_loss", weight_soft_loss)
 
     def forward(
         self,
@@ -155,8 +147,5 @@ class LigerCompatFusedLinearKDLoss(nn.Module):
     ):
         return liger_fused_linear_kd_loss(
             student_input, student_weight, teacher_input, teacher_weight, true_labels,
-            student_bias, teacher_bias, self.weight_hard_loss, self.weight_soft_loss, self.beta,
-            self.ignore_index, self.temperature, self.compiled, self.chunk_size,
-            self.return_soft_hard_loss, num_items_in_batch=num_items_in_batch,
-            divergence=self.divergence, teacher_vocab=self.teacher_vocab, backend=self.backend,
+            student_bias, teacher_bias, num_items_in_batch=num_items_in_batch, **self.kwargs,
         )

@@ -40,7 +40,12 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import torch
 from torch import Tensor
 
-from kdengine._integrity import json_sha256, payload_sha256, write_sealed_safetensors
+from kdengine._integrity import (
+    check_sealed_manifest,
+    kdengine_version,
+    payload_sha256,
+    write_sealed_safetensors,
+)
 
 FORMAT_NAME = "kdengine.teacher_cache"
 FORMAT_VERSION = 1
@@ -89,18 +94,6 @@ def unpack_indices(packed: Tensor) -> Tensor:
         out = out | (packed[..., b].to(torch.int64) << (8 * b))
     return out
 
-
-def _version() -> str:
-    from kdengine import __version__
-
-    return __version__
-
-
-def _payload_sha256(tensors: dict[str, Tensor]) -> str:
-    return payload_sha256(tensors)
-
-def _manifest_sha256(manifest: dict) -> str:
-    return json_sha256(manifest, ("payload_sha256", "manifest_sha256"))
 
 def _logits_of(out: Any) -> Tensor:
     if isinstance(out, Tensor):
@@ -196,7 +189,7 @@ def build_teacher_cache(
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "kdengine_version": _version(),
+        "kdengine_version": kdengine_version(),
         "vocab_size": int(vocab),
         "k": int(k),
         "temperature": t,
@@ -291,18 +284,7 @@ def _is_int(v: Any, lo: int = 0) -> bool:
 
 
 def _check_manifest(m: Any, where: str) -> dict:
-    if not isinstance(m, dict):
-        raise ValueError(f"{where}: the manifest is not a JSON object")
-    if m.get("format") != FORMAT_NAME:
-        raise ValueError(f"{where}: manifest format is {m.get('format')!r}, expected {FORMAT_NAME!r}")
-    ver = m.get("format_version")
-    if ver != FORMAT_VERSION or isinstance(ver, bool):
-        raise ValueError(f"{where}: unsupported format_version {ver!r}; this kdengine reads {FORMAT_VERSION}")
-    for key in ("payload_sha256", "manifest_sha256"):
-        if not isinstance(m.get(key), str):
-            raise ValueError(f"{where}: manifest has no {key}")
-    if _manifest_sha256(m) != m["manifest_sha256"]:
-        raise ValueError(f"{where}: manifest hash mismatch: the manifest was altered or corrupted")
+    check_sealed_manifest(m, where, format_name=FORMAT_NAME, format_version=FORMAT_VERSION)
     v, k, n = m.get("vocab_size"), m.get("k"), m.get("num_tokens")
     if not _is_int(v, 1):
         raise ValueError(f"{where}: manifest vocab_size must be an integer >= 1, got {v!r}")
@@ -377,7 +359,7 @@ def load_teacher_cache(path: PathLike) -> TeacherCache:
             raise ValueError(
                 f"{where}: tensor {name!r} is {x.dtype} {list(x.shape)}, the manifest says {info}"
             )
-    if _payload_sha256(tensors) != manifest["payload_sha256"]:
+    if payload_sha256(tensors) != manifest["payload_sha256"]:
         raise ValueError(f"{where}: tensor payload hash mismatch: the tensor data was altered or corrupted")
     idx = unpack_indices(tensors["indices"])
     v = manifest["vocab_size"]

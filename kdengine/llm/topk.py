@@ -59,8 +59,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from kdengine.losses import OptionsLoss
 from kdengine.ops.kd_loss import _check_float, check_hard_ce
 
 __all__ = [
@@ -126,6 +127,22 @@ def make_topk_config(temperature: object = 1.0, *, divergence: str = "forward_kl
         )
     alpha, ignore_index, eps = check_hard_ce(hard_weight, has_labels, ignore_index, label_smoothing)
     return TopKConfig(t, scale_t2, divergence, missing_mass, alpha, ignore_index, eps)
+
+
+def _topk_config(temperature: object, divergence: str, missing_mass: str, reduction: str,
+                 scale_t2: bool, hard_weight: object, ignore_index: int, label_smoothing: object,
+                 has_labels: bool = True, backend: Optional[str] = None) -> TopKConfig:
+    """The options of the top-k entry points and modules, checked (``reduction`` and ``backend``
+    stay strings: they steer the caller, not the row math)."""
+    if backend not in (None, "auto", "torch", "cpu", "reference"):
+        raise ValueError(
+            f"backend must be None, 'auto', 'torch', 'cpu' or 'reference' for topk_kd_loss, got {backend!r}"
+        )
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
+    return make_topk_config(temperature, divergence=divergence, missing_mass=missing_mass,
+                            scale_t2=scale_t2, hard_weight=hard_weight, has_labels=has_labels,
+                            ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
 def retemper_topk(logprobs: Tensor, from_temperature: float, to_temperature: float) -> Tensor:
@@ -545,17 +562,8 @@ def topk_kd_loss(
     Returns:
         The loss in the student's dtype (float32/float64 math inside).
     """
-    if backend not in (None, "auto", "torch", "cpu", "reference"):
-        raise ValueError(
-            f"backend must be None, 'auto', 'torch', 'cpu' or 'reference' for topk_kd_loss, got {backend!r}"
-        )
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
-    cfg = make_topk_config(
-        temperature, divergence=divergence, missing_mass=missing_mass, scale_t2=scale_t2,
-        hard_weight=hard_weight, has_labels=labels is not None, ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-    )
+    cfg = _topk_config(temperature, divergence, missing_mass, reduction, scale_t2, hard_weight,
+                       ignore_index, label_smoothing, labels is not None, backend)
     s, idx, lp, lab = _validate(student_logits, topk_indices, topk_logprobs, labels, cfg.ignore_index)
     lead = s.shape[:-1]
     v, k = s.shape[-1], idx.shape[-1]
@@ -576,7 +584,7 @@ def topk_kd_loss(
     return loss.to(s.dtype)
 
 
-class TopKKDLoss(nn.Module):
+class TopKKDLoss(OptionsLoss):
     """Module form of :func:`topk_kd_loss`: ``loss(student_logits, topk_indices, topk_logprobs,
     labels=None)``."""
 
@@ -585,31 +593,9 @@ class TopKKDLoss(nn.Module):
                  scale_t2: bool = True, hard_weight: Optional[float] = None,
                  ignore_index: int = -100, label_smoothing: float = 0.0,
                  backend: Optional[str] = None) -> None:
-        super().__init__()
-        # Validate now so a bad setting fails at construction.
-        make_topk_config(temperature, divergence=divergence, missing_mass=missing_mass,
-                         scale_t2=scale_t2, hard_weight=0.0 if hard_weight is None else hard_weight,
-                         has_labels=True, ignore_index=ignore_index, label_smoothing=label_smoothing)
-        self.temperature = temperature
-        self.divergence = divergence
-        self.missing_mass = missing_mass
-        self.reduction = reduction
-        self.scale_t2 = scale_t2
-        self.hard_weight = hard_weight
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.backend = backend
+        super().__init__(locals())
+        _topk_config(**self.kwargs)
 
     def forward(self, student_logits: Tensor, topk_indices: Tensor, topk_logprobs: Tensor,
                 labels: Optional[Tensor] = None) -> Tensor:
-        return topk_kd_loss(
-            student_logits, topk_indices, topk_logprobs, self.temperature,
-            divergence=self.divergence, missing_mass=self.missing_mass, reduction=self.reduction,
-            scale_t2=self.scale_t2, labels=labels, hard_weight=self.hard_weight,
-            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-            backend=self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, divergence={self.divergence!r}, "
-                f"missing_mass={self.missing_mass!r}, reduction={self.reduction!r}")
+        return topk_kd_loss(student_logits, topk_indices, topk_logprobs, labels=labels, **self.kwargs)
