@@ -28,12 +28,16 @@ from torch import Tensor
 
 def _kl(logp: Tensor, logq: Tensor) -> Tensor:
     """sum_i p_i (log p_i - log q_i) from log-probabilities, with 0 log 0 = 0 (p_i = 0 terms drop
-    out in value and gradient; p_i > 0 with q_i = 0 gives +inf; NaN stays NaN)."""
+    out in value and gradient; p_i > 0 with q_i = 0 gives +inf; NaN stays NaN). p_i = 0 means
+    log p_i = -inf: a finite log p_i whose exp underflows is still p_i > 0, so against
+    q_i = 0 its term is +inf, as it is in exact arithmetic."""
     p = logp.exp()
     zero = p == 0
     lp = torch.where(zero, torch.zeros_like(logp), logp)
     lq = torch.where(zero, torch.zeros_like(logq), logq)
-    return torch.where(zero, torch.zeros_like(p), p * (lp - lq)).sum(-1)
+    underflow = zero & torch.isfinite(logp) & torch.isneginf(logq)
+    dropped = torch.where(underflow, torch.full_like(p, torch.inf), torch.zeros_like(p))
+    return torch.where(zero, dropped, p * (lp - lq)).sum(-1)
 
 
 def teacher_buckets(indices: Tensor, logprobs: Tensor, v: int, rule: str) -> Tensor:

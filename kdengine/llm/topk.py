@@ -174,6 +174,14 @@ def _nz(w: Tensor, x: Tensor) -> Tensor:
     return torch.where(w == 0, torch.zeros_like(x), x)
 
 
+def _reverse_terms(P: Tensor, logP: Tensor, l: Tensor) -> Tensor:
+    """P (logP - l) per listed entry: the student's probability P of finite logits is never 0, even
+    where exp(logP) underflows, so a zero-probability teacher entry (l = -inf) makes the term
+    +inf at any dtype; only a student log-prob of -inf (P exactly 0) gives 0 (0 log 0 = 0)."""
+    underflow = (P == 0) & torch.isfinite(logP) & torch.isneginf(l)
+    return torch.where(underflow, torch.full_like(P, torch.inf), _nz(P, P * (logP - l)))
+
+
 def _native_ok(student: Tensor, use_native: Optional[bool]) -> bool:
     """The C++ student side (kdengine/csrc/topk_kd/topk_kd.cpp) serves float32 CPU rows."""
     if use_native is False or student.dtype != torch.float32 or student.device.type != "cpu":
@@ -189,11 +197,24 @@ def _native_ok(student: Tensor, use_native: Optional[bool]) -> bool:
     return ok
 
 
+def _off_k_mass_positive(student: Tensor, indices: Tensor, R: Tensor, missing: Tensor) -> Optional[Tensor]:
+    """Whether the student's mass off K is > 0 in exact arithmetic, (n, 1) bool, where that matters:
+    against a teacher tail of exactly 0 a positive student tail makes reverse KL +inf, and R (a sum
+    of exps) may have underflowed to 0. None when no row has both R == 0 and a zero teacher tail."""
+    if not bool(((R == 0) & (missing == 0)).any()):
+        return None
+    off_k = student.scatter(-1, indices, -torch.inf)
+    return (R > 0) | (off_k.amax(-1, keepdim=True) > -torch.inf)
+
+
 def _terms(logP: Tensor, l: Tensor, t: Tensor, m: Tensor, missing: Tensor, R: Optional[Tensor],
-           sum_off_logp: Optional[Tensor], v: int, k: int, full: bool, cfg: TopKConfig):
+           sum_off_logp: Optional[Tensor], v: int, k: int, full: bool, cfg: TopKConfig,
+           R_pos: Optional[Tensor] = None):
     """The divergence per row and its gradient w.r.t. a = student / T in the form
     off K: c1 p_i + c0 (per-row c1, c0 of shape (n, 1)); on K: kv (n, k).
-    (Reverse KL + uniform with k < V is not of that form: handled by _rows_torch.)"""
+    (Reverse KL + uniform with k < V is not of that form: handled by _rows_torch.)
+    R_pos (reverse KL + tail): whether the student's mass off K is > 0 in exact arithmetic (R
+    itself may have underflowed); against a teacher tail of exactly 0 that makes the row +inf."""
     P = logP.exp()
     zero = torch.zeros_like(m)
     if cfg.divergence == "forward_kl":
@@ -210,10 +231,12 @@ def _terms(logP: Tensor, l: Tensor, t: Tensor, m: Tensor, missing: Tensor, R: Op
         if not full:
             d = d + _nz(u, missing * u.log() - u * sum_off_logp).squeeze(-1)
         return d, W, -u, P * W - t
-    d = _nz(P, P * (logP - l)).sum(-1)
+    d = _reverse_terms(P, logP, l).sum(-1)
     if cfg.missing_mass == "tail":
         gtail = _nz(R, R.log() - missing.log())
         d = d + _nz(R, R * gtail).squeeze(-1)
+        if R_pos is not None:
+            d = torch.where((R_pos & (missing == 0)).squeeze(-1), torch.full_like(d, torch.inf), d)
         D = d.unsqueeze(-1)
         return d, gtail - D, zero, _nz(P, P * (logP - l - D))
     assert full  # reverse + uniform with k = V: nothing off K
@@ -244,7 +267,10 @@ def _rows_native(student, indices, l, t, m, missing, cfg, full, need_grad, scale
     if cfg.missing_mass == "uniform" and not full:
         lse = rm * inv_t + ls
         sum_off_logp = ((sumx.unsqueeze(-1) - xk.sum(-1, keepdim=True)) * inv_t - (v - k) * lse).float()
-    d, c1, c0, kv = _terms(logP, l, t, m, missing, R, sum_off_logp, v, k, full, cfg)
+    R_pos = None
+    if cfg.divergence == "reverse_kl" and cfg.missing_mass == "tail" and not full:
+        R_pos = _off_k_mass_positive(x, indices, R, missing)
+    d, c1, c0, kv = _terms(logP, l, t, m, missing, R, sum_off_logp, v, k, full, cfg, R_pos)
     grad = None
     if need_grad:
         c1 = (c1 * scale).float().expand(n, 1).reshape(n).contiguous()
@@ -283,16 +309,22 @@ def _rows_torch(student, indices, l, t, m, missing, cfg, full, need_grad, scale,
     if rule == "uniform" and not forward and not full:
         P = logP.exp()
         logu = (missing / (v - k)).log()
-        d = _nz(P, P * (logP - l)).sum(-1)
+        d = _reverse_terms(P, logP, l).sum(-1)
         plogp = _nz(p, p * logp).sum(-1, keepdim=True)
         d = d + (plogp - _nz(R, R * logu)).squeeze(-1)
+        R_pos = _off_k_mass_positive(student, indices, R, missing)
+        if R_pos is not None:  # a zero teacher tail (log u = -inf) against student mass off K
+            d = torch.where((R_pos & (missing == 0)).squeeze(-1), torch.full_like(d, torch.inf), d)
         if not need_grad:
             return d, None
         D = d.unsqueeze(-1)
         gd = _nz(p, p * (logp - logu - D))
         gd.scatter_(-1, indices, _nz(P, P * (logP - l - D)))
         return d, gd.mul_(scale)
-    d, c1, c0, kv = _terms(logP, l, t, m, missing, R, sum_off_logp, v, k, full, cfg)
+    R_pos = None
+    if not forward and rule == "tail" and not full:
+        R_pos = _off_k_mass_positive(student, indices, R, missing)
+    d, c1, c0, kv = _terms(logP, l, t, m, missing, R, sum_off_logp, v, k, full, cfg, R_pos)
     if not need_grad:
         return d, None
     gd = p.mul_(c1 * scale)
