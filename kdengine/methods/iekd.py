@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdengine._checks import floating_tensor
 from kdengine.methods.london import FeatureHooks
 from kdengine.ops import kd_loss
 
@@ -44,10 +45,7 @@ __all__ = ["factor_normalize", "inheritance_loss", "exploration_loss", "FactorAu
 
 def factor_normalize(f: Tensor, eps: float = 1e-12) -> Tensor:
     """``n(f)``: flatten each sample of ``f`` (N, ...) to ``(N, D)`` and divide by its L2 norm."""
-    if not isinstance(f, Tensor):
-        raise TypeError(f"f must be a torch.Tensor, got {type(f).__name__}")
-    if not f.is_floating_point():
-        raise TypeError(f"f must be a floating tensor, got dtype {f.dtype}")
+    f = floating_tensor("f", f)
     if f.dim() < 2 or f.numel() == 0:
         raise ValueError(f"f must be a non-empty (N, ...) batch of factors, got shape {tuple(f.shape)}")
     v = f.flatten(1)

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdengine._checks import floating_tensor
+
 __all__ = [
     "FeatureHooks",
     "transmitting_matrix",
@@ -122,10 +124,7 @@ class FeatureHooks:
 
 
 def _check_feature(name: str, f: object) -> Tensor:
-    if not isinstance(f, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(f).__name__}")
-    if f.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be a floating tensor, got dtype {f.dtype}")
+    f = floating_tensor(name, f, _FLOATS)
     if f.dim() not in (2, 4):
         raise ValueError(f"{name} must be (N, C) or (N, C, H, W), got shape {tuple(f.shape)}")
     if f.numel() == 0:
@@ -199,10 +198,7 @@ def spectral_norm(tm: Tensor, n_iter: int = 10, eps: float = 1e-12,
     Returns:
         ``sigma`` of shape ``(N,)`` (0-dim for a single matrix), and ``(u, v)`` if asked.
     """
-    if not isinstance(tm, Tensor):
-        raise TypeError(f"tm must be a torch.Tensor, got {type(tm).__name__}")
-    if tm.dtype not in _FLOATS:
-        raise TypeError(f"tm must be a floating tensor, got dtype {tm.dtype}")
+    tm = floating_tensor("tm", tm, _FLOATS)
     if tm.dim() not in (2, 3):
         raise ValueError(f"tm must be (N, R, K) or (R, K), got shape {tuple(tm.shape)}")
     if tm.shape[-1] == 0 or tm.shape[-2] == 0:

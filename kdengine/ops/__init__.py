@@ -4,24 +4,8 @@ Importing this package registers every backend implementation with :mod:`kdengin
 """
 from kdengine.ops.kd_loss import kd_loss
 from kdengine.ops.if_multistep import if_multistep
-from kdengine.ops.binary import (
-    PackedSigns,
-    binary_conv2d,
-    binary_linear,
-    pack_signs,
-    pack_spikes,
-    spike_matmul,
-    xnor_matmul,
-)
+from kdengine.ops import binary as _binary
+# The binary family's public names are listed once, in its own __all__.
+from kdengine.ops.binary import *  # noqa: F403
 
-__all__ = [
-    "kd_loss",
-    "if_multistep",
-    "PackedSigns",
-    "pack_signs",
-    "pack_spikes",
-    "xnor_matmul",
-    "spike_matmul",
-    "binary_linear",
-    "binary_conv2d",
-]
+__all__ = ["kd_loss", "if_multistep", *_binary.__all__]

@@ -2,6 +2,9 @@
 :mod:`kdengine.ops.binary.op`)."""
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -47,24 +50,9 @@ def _pack_cpu(x: Tensor, spikes: bool) -> Tensor:
     return ops.binary_pack_bool(x) if spikes else ops.binary_pack_signs(x)
 
 
-@_dispatch.register("xnor_matmul", "cpu", native_ops=("binary_gemm",))
-def _xnor_cpu(a: Tensor, b: Tensor, k: int) -> Tensor:
-    return _cpu_ops().binary_gemm(a, b, k, 0)
-
-
-@_dispatch.register("spike_matmul", "cpu", native_ops=("binary_gemm",))
-def _spike_cpu(s: Tensor, w: Tensor, k: int) -> Tensor:
-    return _cpu_ops().binary_gemm(s, w, k, 1)
-
-
 @_dispatch.register("binary_linear", "cpu", native_ops=("binary_linear",))
 def _linear_cpu(x, w, k, scale, bias):
     return _cpu_ops().binary_linear(x, w, k, scale, bias)
-
-
-@_dispatch.register("binary_conv2d", "cpu", native_ops=("binary_gemm",))
-def _conv_cpu(x, w, geo, scale, bias):
-    return conv_via_gemm(x, w, geo, scale, bias, "cpu")
 
 
 # triton: triton_kernel.py (SWAR popcount, runs in the interpreter too)
@@ -100,9 +88,7 @@ def _linear_triton(x, w, k, scale, bias):
     return _triton().linear_triton(x, w, k, scale, bias)
 
 
-@_dispatch.register("binary_conv2d", "triton")
-def _conv_triton(x, w, geo, scale, bias):
-    return conv_via_gemm(x, w, geo, scale, bias, "triton")
+_dispatch.register("binary_conv2d", "triton")(partial(conv_via_gemm, backend="triton"))
 
 
 # cuda: csrc/binary/xnor.cu (__popc)
@@ -123,16 +109,6 @@ def _pack_cuda(x: Tensor, spikes: bool) -> Tensor:
     return _cuda_ops().binary_pack_signs(x)
 
 
-@_dispatch.register("xnor_matmul", "cuda", native_ops=("binary_gemm",))
-def _xnor_cuda(a: Tensor, b: Tensor, k: int) -> Tensor:
-    return _cuda_ops().binary_gemm(a, b, k, 0)
-
-
-@_dispatch.register("spike_matmul", "cuda", native_ops=("binary_gemm",))
-def _spike_cuda(s: Tensor, w: Tensor, k: int) -> Tensor:
-    return _cuda_ops().binary_gemm(s, w, k, 1)
-
-
 @_dispatch.register("binary_linear", "cuda", native_ops=("binary_linear",))
 def _linear_cuda(x, w, k, scale, bias):
     if bool(torch.isnan(x).any()):
@@ -140,6 +116,20 @@ def _linear_cuda(x, w, k, scale, bias):
     return _cuda_ops().binary_linear(x, w, k, scale, bias)
 
 
-@_dispatch.register("binary_conv2d", "cuda", native_ops=("binary_gemm",))
-def _conv_cuda(x, w, geo, scale, bias):
-    return conv_via_gemm(x, w, geo, scale, bias, "cuda")
+# cpu and cuda alike: both matmuls are the one binary_gemm kernel (its last argument picks AND
+# with spikes over XNOR), and conv2d is pack + that GEMM.
+
+
+def _native_gemm(ops: Callable, spike: int) -> Callable:
+    def gemm(a: Tensor, b: Tensor, k: int) -> Tensor:
+        return ops().binary_gemm(a, b, k, spike)
+
+    return gemm
+
+
+for _backend, _ops in (("cpu", _cpu_ops), ("cuda", _cuda_ops)):
+    for _op, _spike in (("xnor_matmul", 0), ("spike_matmul", 1)):
+        _dispatch.register(_op, _backend, native_ops=("binary_gemm",))(_native_gemm(_ops, _spike))
+    _dispatch.register("binary_conv2d", _backend, native_ops=("binary_gemm",))(
+        partial(conv_via_gemm, backend=_backend)
+    )

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from kdengine import _dispatch
+from kdengine._checks import same_device
 from kdengine.ops.binary import reference as ref
 from kdengine.ops.binary.op import (
     IntPair,
@@ -97,8 +98,7 @@ def binary_conv2d(
             f"K mismatch: weight has K={w.k} but x has C={geo.channels} channels and the kernel is "
             f"{kh}x{kw}, so K must be C*kh*kw={geo.channels * kh * kw}"
         )
-    if w.device != x.device:
-        raise ValueError(f"weight is on {w.device} but x on {x.device}; expected one device")
+    same_device("weight", w, "x", x)
     oh, ow = geo.out_hw
     if oh < 1 or ow < 1:
         raise ValueError(

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from kdengine import _dispatch
+from kdengine._checks import flag, floating_tensor, same_device
 from kdengine.ops.binary import reference as ref
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -114,8 +115,7 @@ class PackedSigns:
                 f"bits must have shape (..., ceil(k/32)) = (..., {_words(int(k))}) for k={k}, "
                 f"got {tuple(bits.shape)}"
             )
-        if not isinstance(self.spikes, bool):
-            raise TypeError(f"spikes must be a bool, got {type(self.spikes).__name__}")
+        flag("spikes", self.spikes)
         object.__setattr__(self, "k", int(k))
         if not bits.is_contiguous():
             object.__setattr__(self, "bits", bits.contiguous())
@@ -181,13 +181,7 @@ def _check_packed(name: str, p: object, *, spikes: bool) -> PackedSigns:
 
 
 def _check_float(name: str, x: object) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be a floating tensor (float32, float64, float16 or bfloat16), got dtype {x.dtype}"
-        )
-    return x
+    return floating_tensor(name, x, FLOAT_DTYPES, listed=True)
 
 
 def _check_no_func_grad(op: str, x: Tensor) -> None:
@@ -216,23 +210,18 @@ def _check_k(name: str, x: Tensor) -> int:
 def _check_same_k(an: str, a: PackedSigns, bn: str, b: PackedSigns) -> None:
     if a.k != b.k:
         raise ValueError(f"K mismatch: {an} has K={a.k} but {bn} has K={b.k}")
-    if a.device != b.device:
-        raise ValueError(f"{an} is on {a.device} but {bn} on {b.device}; expected one device")
+    same_device(an, a, bn, b)
 
 
 def _check_channel_vec(name: str, t: Optional[Tensor], n: int, like: Tensor) -> Optional[Tensor]:
     if t is None:
         return None
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+    t = floating_tensor(name, t, tensor_of=" or None")
     if tuple(t.shape) != (n,):
         raise ValueError(
             f"{name} must have shape ({n},) (one value per output channel), got {tuple(t.shape)}"
         )
-    if t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but x on {like.device}; expected one device")
+    same_device(name, t, "x", like)
     return t.detach().to(ref.compute_dtype(like.dtype)).contiguous()
 
 
@@ -384,8 +373,7 @@ def binary_linear(
     w2 = _rows(w, "weight")
     if w.k != k:
         raise ValueError(f"K mismatch: x has K={k} features but weight has K={w.k}")
-    if w.device != x.device:
-        raise ValueError(f"weight is on {w.device} but x on {x.device}; expected one device")
+    same_device("weight", w, "x", x)
     n = w2.shape[0]
     sc = _check_channel_vec("scale", scale, n, x)
     bi = _check_channel_vec("bias", bias, n, x)

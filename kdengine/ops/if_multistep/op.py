@@ -29,7 +29,6 @@ forward + backward in fp32, and no (T, N) buffer kept between them).
 from __future__ import annotations
 
 import math
-import numbers
 import struct
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -38,6 +37,7 @@ import torch
 from torch import Tensor
 
 from kdengine import _dispatch
+from kdengine._checks import dtype_name, flag, floating_tensor, real_number, same_device
 from kdengine.ops.if_multistep.reference import DEFAULT_ALPHA, SURROGATES, state_dtype
 
 OP = "if_multistep"
@@ -315,22 +315,8 @@ def _resolve(device: torch.device, backend: Optional[str]) -> str:
 # --------------------------------------------------------------------------- validation
 
 
-def _real(name: str, value: object) -> float:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
 _F32_MAX = torch.finfo(torch.float32).max
 _F32_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _in_state_dtype(name: str, value: float, sd: torch.dtype, x_dtype: torch.dtype) -> float:
@@ -345,23 +331,16 @@ def _in_state_dtype(name: str, value: float, sd: torch.dtype, x_dtype: torch.dty
         rounded = math.inf
     if math.isinf(rounded):
         raise ValueError(
-            f"{name}={value} is outside the finite range of {_dtype_name(sd)}, the membrane-"
-            f"potential dtype for {_dtype_name(x_dtype)} x (|{name}| <= {torch.finfo(sd).max}); "
+            f"{name}={value} is outside the finite range of {dtype_name(sd)}, the membrane-"
+            f"potential dtype for {dtype_name(x_dtype)} x (|{name}| <= {torch.finfo(sd).max}); "
             f"scale the inputs down, or use float64 x"
         )
     return rounded
 
 
 def _check_x(x: object) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(
-            f"x must be a torch.Tensor of input currents (T, ...), got {type(x).__name__}"
-        )
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"x must be a floating tensor (float32, bfloat16, float16 or float64) of input "
-            f"currents, got dtype {x.dtype}"
-        )
+    x = floating_tensor("x", x, FLOAT_DTYPES, tensor_of=" of input currents (T, ...)", listed=True,
+                        values_of=" of input currents")
     if x.dim() < 1:
         raise ValueError(
             "x must have shape (T, ...) with the time steps first; got a 0-dim tensor (no T "
@@ -373,17 +352,13 @@ def _check_x(x: object) -> Tensor:
 
 
 def _check_v_init(v_init: object, x: Tensor) -> Tensor:
-    if not isinstance(v_init, Tensor):
-        raise TypeError(f"v_init must be a torch.Tensor or None, got {type(v_init).__name__}")
-    if v_init.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"v_init must be a floating tensor, got dtype {v_init.dtype}")
+    v_init = floating_tensor("v_init", v_init, FLOAT_DTYPES, tensor_of=" or None")
     if tuple(v_init.shape) != tuple(x.shape[1:]):
         raise ValueError(
             f"v_init must have the shape of one time step of x, {tuple(x.shape[1:])}, got "
             f"{tuple(v_init.shape)}"
         )
-    if v_init.device != x.device:
-        raise ValueError(f"v_init is on {v_init.device} but x on {x.device}; expected one device")
+    same_device("v_init", v_init, "x", x)
     return v_init
 
 
@@ -455,7 +430,7 @@ def if_multistep(
     """
     x = _check_x(x)
     sd = state_dtype(x.dtype)
-    thr = _real("v_threshold", v_threshold)
+    thr = real_number("v_threshold", v_threshold)
     if not (math.isfinite(thr) and thr > 0):
         raise ValueError(f"v_threshold must be finite and > 0, got {thr}")
     # in float32 state: a normal float32 magnitude is neither inf nor 0 there (fast path)
@@ -463,14 +438,14 @@ def if_multistep(
     thr_s = thr if f32_ok else _in_state_dtype("v_threshold", thr, sd, x.dtype)
     if thr_s == 0.0:
         raise ValueError(
-            f"v_threshold={thr} rounds to 0 in {_dtype_name(sd)}, the membrane-potential dtype "
-            f"for {_dtype_name(x.dtype)} x; it must be > 0 there (smallest {_dtype_name(sd)} > 0: "
+            f"v_threshold={thr} rounds to 0 in {dtype_name(sd)}, the membrane-potential dtype "
+            f"for {dtype_name(x.dtype)} x; it must be > 0 there (smallest {dtype_name(sd)} > 0: "
             f"{torch.finfo(sd).smallest_normal * torch.finfo(sd).eps})"
         )
     hard = v_reset is not None
     reset = 0.0
     if hard:
-        reset = _real("v_reset", v_reset)
+        reset = real_number("v_reset", v_reset)
         if not math.isfinite(reset):
             raise ValueError(f"v_reset must be finite or None, got {reset}")
         if reset >= thr:
@@ -483,8 +458,8 @@ def if_multistep(
                 and _in_state_dtype("v_reset", reset, sd, x.dtype)
                 >= _in_state_dtype("v_threshold", thr, sd, x.dtype)):
             raise ValueError(
-                f"v_reset must be below v_threshold in {_dtype_name(sd)} (the membrane-potential "
-                f"dtype for {_dtype_name(x.dtype)} x), but v_reset={reset} and v_threshold={thr} "
+                f"v_reset must be below v_threshold in {dtype_name(sd)} (the membrane-potential "
+                f"dtype for {dtype_name(x.dtype)} x), but v_reset={reset} and v_threshold={thr} "
                 f"round to the same value there (a reset at threshold fires forever)"
             )
     if not isinstance(surrogate, str):
@@ -494,12 +469,11 @@ def if_multistep(
     sur = surrogate.lower()
     if sur not in SURROGATE_IDS:
         raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
-    a = DEFAULT_ALPHA[sur] if alpha is None else _real("alpha", alpha)
+    a = DEFAULT_ALPHA[sur] if alpha is None else real_number("alpha", alpha)
     if not (math.isfinite(a) and a > 0):
         raise ValueError(f"alpha must be finite and > 0, got {a}")
-    for name, flag in (("detach_reset", detach_reset), ("return_v", return_v)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    flag("detach_reset", detach_reset)
+    flag("return_v", return_v)
     if v_init is not None:
         v_init = _check_v_init(v_init, x)
 

@@ -37,12 +37,18 @@ BLOCK = 1024
 
 
 @triton.jit
+def _neurons(N, BLOCK: tl.constexpr):
+    """This program's BLOCK neurons: their int64 offsets (pid * BLOCK cannot overflow int32) and
+    the mask of those below N."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < N
+
+
+@triton.jit
 def _if_fwd_kernel(x_ptr, v0_ptr, s_ptr, v_ptr, h_ptr, p_ptr, T, N,
                    HAS_V0: tl.constexpr, HARD: tl.constexpr, SAVE_H: tl.constexpr,
                    BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
+    offs, mask = _neurons(N, BLOCK)
     thr = tl.load(p_ptr)
     reset = tl.load(p_ptr + 1)
     rest = tl.load(p_ptr + 2)
@@ -76,9 +82,7 @@ def _if_fwd_kernel(x_ptr, v0_ptr, s_ptr, v_ptr, h_ptr, p_ptr, T, N,
 def _if_bwd_kernel(h_ptr, gs_ptr, gv_ptr, gx_ptr, gv0_ptr, p_ptr, T, N, last_row,
                    HAS_GV: tl.constexpr, HARD: tl.constexpr, SIGMOID: tl.constexpr,
                    DETACH: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
+    offs, mask = _neurons(N, BLOCK)
     thr = tl.load(p_ptr)
     reset = tl.load(p_ptr + 1)
     alpha = tl.load(p_ptr + 3)

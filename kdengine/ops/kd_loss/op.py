@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from kdengine import _dispatch
+from kdengine._checks import floating_tensor, real_number
 from kdengine.ops.kd_loss.reference import LARGE_T
 from kdengine.ops.kd_loss.config import (
     DIVERGENCE_NAMES,
@@ -45,13 +46,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check_logits(name: str, x: object) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of logits, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be a floating tensor (float32, bfloat16, float16 or float64) of raw "
-            f"logits, got dtype {x.dtype}"
-        )
+    x = floating_tensor(name, x, FLOAT_DTYPES, tensor_of=" of logits", listed=True,
+                        values_of=" of raw logits")
     if x.dim() < 1:
         raise ValueError(f"{name} must have shape (..., V) with a vocabulary dimension, got a 0-dim tensor")
     if x.shape[-1] == 0:
@@ -59,14 +55,7 @@ def _check_logits(name: str, x: object) -> Tensor:
     return x
 
 
-def _check_float(name: str, value: object) -> float:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
+_check_float = real_number
 
 
 def check_hard_ce(hard_weight: object, has_labels: bool, ignore_index: object,

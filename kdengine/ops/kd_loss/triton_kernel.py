@@ -214,6 +214,36 @@ def _jsd_r(x, em, lq, lp, beta, l2beta, l2nbeta, DT: tl.constexpr):
 
 
 @triton.jit
+def _tile(s_row, t_row, off, lanes, V, DT: tl.constexpr):
+    """The chunk of columns ``off + lanes`` of a row: (cols, cols < V, s, t), s and t in DT and
+    -inf past the row's end, so they drop out of every max, sum and probability."""
+    cols = off + lanes
+    msk = cols < V
+    s = tl.load(s_row + cols, mask=msk, other=float("-inf")).to(DT)
+    t = tl.load(t_row + cols, mask=msk, other=float("-inf")).to(DT)
+    return cols, msk, s, t
+
+
+@triton.jit
+def _ce_grad(g_s, acc_l, q1, s, cols, msk, y, mx_1, eps, g_ce, V, HAS_EPS: tl.constexpr):
+    """Adds the hard-CE gradient of a chunk, g_ce (q1 - (1 - eps)[i == y] - eps / V), to g_s and,
+    with label smoothing, the chunk's sum of s - max s to acc_l."""
+    g_s += g_ce * (q1 - tl.where(cols == y, 1.0 - eps, 0.0) - eps / V)
+    if HAS_EPS:
+        acc_l += tl.where(msk, s - mx_1, 0.0)
+    return g_s, acc_l
+
+
+@triton.jit
+def _store_grads(gs_row, gt_row, cols, msk, g_s, g_t, nan_flag, NEED_GT: tl.constexpr,
+                 RNE_BF16: tl.constexpr):
+    """Writes a chunk of the student (and teacher) gradient, NaN for a row holding a NaN."""
+    _store(gs_row + cols, g_s + nan_flag, msk, RNE_BF16)
+    if NEED_GT:
+        _store(gt_row + cols, g_t + nan_flag, msk, RNE_BF16)
+
+
+@triton.jit
 def _kd_loss_kernel(
     s_ptr, t_ptr, lab_ptr, gs_ptr, gt_ptr, rows_ptr, nrm_ptr,
     V, ignore_index,
@@ -276,10 +306,7 @@ def _kd_loss_kernel(
         n_keep = tl.zeros((BLOCK,), DT)  # T = inf: V'
         nanv = tl.zeros((BLOCK,), DT)  # NaN iff the row holds a NaN
         for off in range(0, V, BLOCK):
-            cols = off + lanes
-            msk = cols < V
-            s = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(DT)
-            t = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(DT)
+            cols, msk, s, t = _tile(s_row, t_row, off, lanes, V, DT)
             nanv += tl.where(s == s, 0.0, s) + tl.where(t == t, 0.0, t)
             if T_INF:
                 keep = msk & ((s != NEG_INF) | (t != NEG_INF))
@@ -344,10 +371,7 @@ def _kd_loss_kernel(
             kg_n = kg / nk
             # ---- pass 2 (T = inf): loss and gradients
             for off in range(0, V, BLOCK):
-                cols = off + lanes
-                msk = cols < V
-                s = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(DT)
-                t = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(DT)
+                cols, msk, s, t = _tile(s_row, t_row, off, lanes, V, DT)
                 keep = msk & ((s != NEG_INF) | (t != NEG_INF))
                 dc = tl.where(keep, (s - t) - mean_d, 0.0)
                 acc += dc * dc
@@ -355,12 +379,8 @@ def _kd_loss_kernel(
                 g_s = g
                 if HAS_CE:
                     q1 = tl.exp2((s - mx_1) * LOG2E) * i1
-                    g_s += g_ce * (q1 - tl.where(cols == y, 1.0 - eps, 0.0) - eps / V)
-                    if HAS_EPS:
-                        acc_l += tl.where(msk, s - mx_1, 0.0)
-                _store(gs_row + cols, g_s + nan_flag, msk, RNE_BF16)
-                if NEED_GT:
-                    _store(gt_row + cols, nan_flag - g, msk, RNE_BF16)
+                    g_s, acc_l = _ce_grad(g_s, acc_l, q1, s, cols, msk, y, mx_1, eps, g_ce, V, HAS_EPS)
+                _store_grads(gs_row, gt_row, cols, msk, g_s, -g, nan_flag, NEED_GT, RNE_BF16)
             kd = kl * tl.sum(acc, axis=0) / (2.0 * nk)
         else:
             mx_b, s_b = _combine(m_t, sum_b, c)
@@ -384,10 +404,7 @@ def _kd_loss_kernel(
             # ---- optional pass: D before any gradient (reverse KL, JSD, teacher gradient)
             if PRE_D:
                 for off in range(0, V, BLOCK):
-                    cols = off + lanes
-                    msk = cols < V
-                    s = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(DT)
-                    t = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(DT)
+                    cols, msk, s, t = _tile(s_row, t_row, off, lanes, V, DT)
                     q, p, lq, lp, x = _pair(s, t, mx_a, mx_b, c, l2a, l2b, ia, ib, ds, dt, kx)
                     if DIV == 0:
                         acc += tl.where(p > 0.0, p * x, 0.0)
@@ -404,10 +421,7 @@ def _kd_loss_kernel(
             # ---- last pass: gradients (and D for forward KL without teacher gradient)
             kg_ln2 = kg * LN2
             for off in range(0, V, BLOCK):
-                cols = off + lanes
-                msk = cols < V
-                s = tl.load(s_row + cols, mask=msk, other=NEG_INF).to(DT)
-                t = tl.load(t_row + cols, mask=msk, other=NEG_INF).to(DT)
+                cols, msk, s, t = _tile(s_row, t_row, off, lanes, V, DT)
                 q, p, lq, lp, x = _pair(s, t, mx_a, mx_b, c, l2a, l2b, ia, ib, ds, dt, kx)
                 small = tl.abs(x) < 1.0
                 em = _expm1_2(x, DT)
@@ -432,12 +446,8 @@ def _kd_loss_kernel(
                         q1 = q
                     else:
                         q1 = tl.exp2((s - mx_1) * LOG2E) * i1
-                    g_s += g_ce * (q1 - tl.where(cols == y, 1.0 - eps, 0.0) - eps / V)
-                    if HAS_EPS:
-                        acc_l += tl.where(msk, s - mx_1, 0.0)
-                _store(gs_row + cols, g_s + nan_flag, msk, RNE_BF16)
-                if NEED_GT:
-                    _store(gt_row + cols, g_t + nan_flag, msk, RNE_BF16)
+                    g_s, acc_l = _ce_grad(g_s, acc_l, q1, s, cols, msk, y, mx_1, eps, g_ce, V, HAS_EPS)
+                _store_grads(gs_row, gt_row, cols, msk, g_s, g_t, nan_flag, NEED_GT, RNE_BF16)
             if not PRE_D:
                 d2 = tl.sum(acc, axis=0)
             if DIV == 2:
