@@ -36,6 +36,7 @@
 
 #include "common/output_pool.h"
 #include "common/parallel.h"
+#include "common/vec_math.h"
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
@@ -100,8 +101,8 @@ inline void store_vec(scalar_t* p, typename Vec<acc_t>::v r) {
 
 // exp(x) for x <= 0 (all the sigmoid surrogate needs: x = -alpha |u|), float vectors, without
 // libm calls (GCC will not vectorize std::exp without -ffast-math). Cody-Waite reduction
-// x = n ln2 + r, |r| <= ln2/2, Cephes degree-6 polynomial for e^r (max rel. error ~2 ulp), 2^n
-// assembled in the exponent bits. x is clamped below at -87, where 2^n is still a normal float:
+// x = n ln2 + r, |r| <= ln2/2, and vec_math.h's polynomial for e^r (<= 1 ulp), 2^n assembled in
+// the exponent bits. x is clamped below at -87, where 2^n is still a normal float:
 // the surrogate's tail under e^-87 (~1e-38) is not flushed to 0, which nothing can tell apart.
 // NaN stays NaN. (~55 SSE instructions per 4 values; the loop is compute-bound at ~3 ns/element
 // on one loaded core here, vs ~0.8 for atan, so every instruction counts.)
@@ -110,18 +111,10 @@ inline Vec<float>::v exp_vec(Vec<float>::v x) {
   typedef Vec<float>::m vi;
   const vf lo = vf{} - 87.0f;
   x = x < lo ? lo : x;
-  const vf t = x * 1.44269504088896341f;
+  const vf t = x * kdvec::detail::kLog2e;
   const vi n = __builtin_convertvector(t - 0.5f, vi);  // t <= 0: truncation of t - 1/2 rounds
   const vf fn = __builtin_convertvector(n, vf);
-  vf r = x - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
-  vf p = vf{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const vf p = kdvec::detail::exp_poly(kdvec::detail::reduce_r(x, fn));
   const vi bits = (n + 127) << 23;
   vf scale;
   std::memcpy(&scale, &bits, sizeof(scale));
