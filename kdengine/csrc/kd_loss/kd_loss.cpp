@@ -56,6 +56,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "common/output_pool.h"
 #include "common/parallel.h"
 #include "common/vec_math.h"
@@ -596,17 +597,10 @@ __attribute__((noinline)) double row_f64(const RowIO<double>& io, int64_t y, con
   return kd_row<v4d>(io, y, a);
 }
 
-// The AVX2+FMA build where the CPU has it; KDENGINE_CPU_PORTABLE=1 forces the portable build
-// (read per call, for tests that compare the two).
+// The AVX2+FMA build where common/cpu_isa.h allows it.
 RowFnF pick_row_f32() {
 #ifdef KD_HAVE_AVX2_BUILD
-  static const bool avx2 = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  const char* force = std::getenv("KDENGINE_CPU_PORTABLE");
-  const bool portable = force != nullptr && force[0] != '\0' && force[0] != '0';
-  if (avx2 && !portable) return &row_f32_avx2;
+  if (kdengine::use_avx2_fma()) return &row_f32_avx2;
 #endif
   return &row_f32_portable;
 }
