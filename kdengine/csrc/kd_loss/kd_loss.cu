@@ -121,18 +121,17 @@ void run_rows_cuda(const KDParams<scalar_t, acc_t>& P) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cuda(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    double temperature, bool scale_t2, int64_t divergence, double beta, double hard_weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, bool need_teacher_grad) {
-  const c10::cuda::CUDAGuard guard(student.device());
-  return kd_loss_fwd_impl(student, teacher, labels, temperature, scale_t2, divergence, beta,
-                          hard_weight, ignore_index, label_smoothing, reduction, need_teacher_grad,
-                          c10::DeviceType::CUDA, "kdengine::kd_loss_kernel",
-                          [](const auto& P) { run_rows_cuda(P); });
-}
+struct CudaRows {
+  using Guard = c10::cuda::CUDAGuard;
+  static constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
+  static constexpr const char* kWhere = "kdengine::kd_loss_kernel";
+  template <typename scalar_t, typename acc_t>
+  static void run_rows(const KDParams<scalar_t, acc_t>& P) {
+    run_rows_cuda(P);
+  }
+};
 }  // namespace kdengine_cuda_kd
 
 TORCH_LIBRARY_IMPL(kdengine, CUDA, m) {
-  m.impl("kd_loss_kernel", &kdengine_cuda_kd::kd_loss_fwd_cuda);
+  m.impl("kd_loss_kernel", &kdengine_cuda_kd::kd_loss_fwd<kdengine_cuda_kd::CudaRows>);
 }

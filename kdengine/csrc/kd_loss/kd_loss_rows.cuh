@@ -686,14 +686,18 @@ inline at::Tensor aligned16(const at::Tensor& x) {
   return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 ? x : x.clone();
 }
 
-// Checks the arguments, allocates the outputs and runs every row with run_rows(P) (the CUDA
-// launch, or the host emulation); the caller holds the device guard.
-template <typename RunRows>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_impl(
+// The op kd_loss_kernel of one backend: checks the arguments, allocates the outputs and runs every
+// row with Backend::run_rows(P) under a Backend::Guard of the student's device. Backend names its
+// device type (kDevice) and the op in messages (kWhere): CudaRows in kd_loss.cu (the launch),
+// HostRows in kd_loss_emul.cu (the host emulation).
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     double temperature, bool scale_t2, int64_t divergence, double beta, double hard_weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, bool need_teacher_grad,
-    c10::DeviceType device_type, const char* where, const RunRows& run_rows) {
+    int64_t ignore_index, double label_smoothing, int64_t reduction, bool need_teacher_grad) {
+  constexpr c10::DeviceType device_type = Backend::kDevice;
+  const char* const where = Backend::kWhere;
+  const typename Backend::Guard guard(student.device());
   TORCH_CHECK_VALUE(student.device().type() == device_type && teacher.device() == student.device(),
                     where, ": student and teacher must be on one ",
                     c10::DeviceTypeName(device_type), " device, got ", student.device(), " and ",
@@ -801,7 +805,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_impl(
       P.kd_grad_w = static_cast<acc_t>((1.0 - alpha) * (t_inf ? k_inf : c_t / temperature));
       TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(P.grad_s) % 16 == 0 &&
                             reinterpret_cast<uintptr_t>(P.grad_t) % 16 == 0);
-      run_rows(P);
+      Backend::run_rows(P);
     });
   }
 
