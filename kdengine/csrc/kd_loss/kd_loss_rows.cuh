@@ -267,7 +267,8 @@ C10_HOST_DEVICE __forceinline__ void sweep(const scalar_t* __restrict__ s,
                                              int V, int head, int rank, int gsize, F&& f) {
   using acc_t = at::opmath_type<scalar_t>;
   const bool wt = WRITE && gt != nullptr;
-  for (int i = rank; i < head; i += gsize) {
+  // One element at a time: the head and the tail.
+  auto one = [&](int i) {
     acc_t x = 0, y = 0, a = 0, b = 0;
     if constexpr (READ) {
       x = static_cast<acc_t>(s[i]);
@@ -278,7 +279,8 @@ C10_HOST_DEVICE __forceinline__ void sweep(const scalar_t* __restrict__ s,
       gs[i] = static_cast<scalar_t>(a);
       if (wt) gt[i] = static_cast<scalar_t>(b);
     }
-  }
+  };
+  for (int i = rank; i < head; i += gsize) one(i);
   using P = VecT<scalar_t, VEC>;
   const int nvec = (V - head) / VEC;
   for (int j = rank; j < nvec; j += gsize) {
@@ -306,18 +308,7 @@ C10_HOST_DEVICE __forceinline__ void sweep(const scalar_t* __restrict__ s,
       if (wt) *reinterpret_cast<P*>(gt + base) = bs;
     }
   }
-  for (int i = head + nvec * VEC + rank; i < V; i += gsize) {
-    acc_t x = 0, y = 0, a = 0, b = 0;
-    if constexpr (READ) {
-      x = static_cast<acc_t>(s[i]);
-      y = static_cast<acc_t>(t[i]);
-    }
-    f(i, x, y, a, b);
-    if constexpr (WRITE) {
-      gs[i] = static_cast<scalar_t>(a);
-      if (wt) gt[i] = static_cast<scalar_t>(b);
-    }
-  }
+  for (int i = head + nvec * VEC + rank; i < V; i += gsize) one(i);
 }
 
 // ------------------------------------------------------------------------------- the row
