@@ -64,24 +64,7 @@ struct HostLanes {
 };
 
 // Every row with the thread count the GPU launch would use (32 for V <= 1024, else 64..512), all
-// threads walking the rows together like one block of the kernel.
-template <typename scalar_t, typename acc_t>
-void run_rows_host(const KDParams<scalar_t, acc_t>& P) {
-  constexpr int VEC = static_cast<int>(16 / sizeof(scalar_t));
-  const int n = row_threads(P.V, VEC);
-  HostRowShared shared(n);
-  std::vector<std::thread> threads;
-  threads.reserve(n);
-  for (int r = 0; r < n; ++r) {
-    threads.emplace_back([&, r] {
-      const Group<HostLanes> g{r, n, HostLanes{&shared, r}};
-      for (int64_t row = 0; row < P.n_rows; ++row) process_row<VEC>(P, row, g);
-    });
-  }
-  for (auto& th : threads) th.join();
-}
-
-
+// threads walking the rows together like one block of the kernel (the Backend of kd_loss_fwd).
 struct HostRows {
   struct Guard {  // host lanes: no device to select
     explicit Guard(const c10::Device&) {}
@@ -90,7 +73,18 @@ struct HostRows {
   static constexpr const char* kWhere = "kdengine_cuda_emul::kd_loss_kernel";
   template <typename scalar_t, typename acc_t>
   static void run_rows(const KDParams<scalar_t, acc_t>& P) {
-    run_rows_host(P);
+    constexpr int VEC = static_cast<int>(16 / sizeof(scalar_t));
+    const int n = row_threads(P.V, VEC);
+    HostRowShared shared(n);
+    std::vector<std::thread> threads;
+    threads.reserve(n);
+    for (int r = 0; r < n; ++r) {
+      threads.emplace_back([&, r] {
+        const Group<HostLanes> g{r, n, HostLanes{&shared, r}};
+        for (int64_t row = 0; row < P.n_rows; ++row) process_row<VEC>(P, row, g);
+      });
+    }
+    for (auto& th : threads) th.join();
   }
 };
 
