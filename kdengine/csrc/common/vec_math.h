@@ -129,15 +129,35 @@ constexpr float kRound = 12582912.0f;         // 1.5 * 2^23: x + kRound rounds x
 constexpr float kExpHi = 88.37f;              // n = round(x log2 e) <= 127
 constexpr float kExpLo = -87.33654475f;       // = -126 ln 2: n >= -126, 2^n stays normal
 
+// r = x - fn ln2 with fn integral and |fn| <= 150: n * kLn2Hi is exact, so r keeps its digits.
+// Templates over float vectors of any width (and exp_poly below), so 4-wide kernels
+// (if_neuron.cpp) share them.
+template <class VF>
+KDV_INLINE VF reduce_r(VF x, VF fn) {
+  const VF r = x - fn * kLn2Hi;
+  return r - fn * kLn2Lo;
+}
+
 // Range reduction shared by vexp and vexpm1: x = n ln2 + r, |r| <= ln2/2 (x already clamped),
 // returns r and 2^n (built from the exponent bits, no float->int conversion, so no UB on NaN).
 KDV_INLINE void reduce(v8f xc, v8f& r, v8f& scale) {
   v8f t = xc * kLog2e + kRound;
   v8f fn = t - kRound;
   v8u n = (v8u)t - (v8u)(v8f{} + kRound);  // integer n, as bits (two's complement)
-  r = xc - fn * kLn2Hi;
-  r = r - fn * kLn2Lo;
+  r = reduce_r(xc, fn);
   scale = (v8f)((n + 127u) << 23);
+}
+
+// e^r for |r| <= ln2/2 (after the reduction above): Cephes' degree-5 polynomial, <= 1 ulp.
+template <class VF>
+KDV_INLINE VF exp_poly(VF r) {
+  VF p = VF{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * (r * r) + r + 1.0f;
 }
 }  // namespace detail
 
@@ -148,14 +168,7 @@ KDV_INLINE v8f vexp(v8f x) {
   xc = xc > hi ? hi : xc;
   v8f r, scale;
   reduce(xc, r, scale);
-  v8f p = v8f{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  v8f y = p * (r * r) + r + 1.0f;
-  y = y * scale;
+  v8f y = exp_poly(r) * scale;
   y = x > hi ? v8f{} + std::numeric_limits<float>::infinity() : y;
   y = x < lo ? v8f{} : y;
   return y;
@@ -171,15 +184,8 @@ KDV_INLINE v8f vexp_nonpos(v8f x) {
   v8f t = xc * kLog2e + kRound;
   v8f fn = t - kRound;
   v8i n = (v8i)t - (v8i)(v8f{} + kRound);
-  v8f r = xc - fn * kLn2Hi;
-  r = r - fn * kLn2Lo;
-  v8f p = v8f{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  v8f y = p * (r * r) + r + 1.0f;
+  v8f r = reduce_r(xc, fn);
+  v8f y = exp_poly(r);
   v8i e = n + 127;
   e = e > 0 ? e : v8i{};  // n < -126: scale +0.0, so the result is exactly 0
   return y * (v8f)(e << 23);

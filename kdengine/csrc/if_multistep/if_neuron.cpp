@@ -36,6 +36,7 @@
 
 #include "common/output_pool.h"
 #include "common/parallel.h"
+#include "common/vec_math.h"
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
@@ -100,8 +101,8 @@ inline void store_vec(scalar_t* p, typename Vec<acc_t>::v r) {
 
 // exp(x) for x <= 0 (all the sigmoid surrogate needs: x = -alpha |u|), float vectors, without
 // libm calls (GCC will not vectorize std::exp without -ffast-math). Cody-Waite reduction
-// x = n ln2 + r, |r| <= ln2/2, Cephes degree-6 polynomial for e^r (max rel. error ~2 ulp), 2^n
-// assembled in the exponent bits. x is clamped below at -87, where 2^n is still a normal float:
+// x = n ln2 + r, |r| <= ln2/2, and vec_math.h's polynomial for e^r (<= 1 ulp), 2^n assembled in
+// the exponent bits. x is clamped below at -87, where 2^n is still a normal float:
 // the surrogate's tail under e^-87 (~1e-38) is not flushed to 0, which nothing can tell apart.
 // NaN stays NaN. (~55 SSE instructions per 4 values; the loop is compute-bound at ~3 ns/element
 // on one loaded core here, vs ~0.8 for atan, so every instruction counts.)
@@ -110,18 +111,10 @@ inline Vec<float>::v exp_vec(Vec<float>::v x) {
   typedef Vec<float>::m vi;
   const vf lo = vf{} - 87.0f;
   x = x < lo ? lo : x;
-  const vf t = x * 1.44269504088896341f;
+  const vf t = x * kdvec::detail::kLog2e;
   const vi n = __builtin_convertvector(t - 0.5f, vi);  // t <= 0: truncation of t - 1/2 rounds
   const vf fn = __builtin_convertvector(n, vf);
-  vf r = x - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
-  vf p = vf{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const vf p = kdvec::detail::exp_poly(kdvec::detail::reduce_r(x, fn));
   const vi bits = (n + 127) << 23;
   vf scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -173,40 +166,58 @@ inline T surrogate_grad(T u, acc_t alpha, acc_t k_atan, acc_t half_alpha) {
   }
 }
 
+// The forward trajectory of the block of n neurons at j0 over all T steps, from v_init (or rest),
+// in v: emit(t, j, h, fire) sees each h_t = v_{t-1} + x_t before the reset, as a vector of L
+// neurons at j, then one neuron at a time for the tail. The forward and the backward's recompute
+// both run this, so the backward's h is the forward's, bit for bit.
+template <bool kHard, typename scalar_t, typename acc_t, typename Emit>
+inline __attribute__((always_inline)) void integrate_block(
+    const scalar_t* __restrict__ x, const acc_t* __restrict__ v_init, acc_t* __restrict__ v,
+    int64_t T, int64_t N, int64_t j0, int64_t n, acc_t thr, acc_t reset, acc_t rest, Emit&& emit) {
+  typedef typename Vec<acc_t>::v V;
+  constexpr int64_t L = Vec<acc_t>::L;
+  const V thr_v = V{} + thr, reset_v = V{} + reset;
+  const int64_t nv = n / L * L;
+  for (int64_t j = 0; j < n; ++j) v[j] = v_init ? v_init[j0 + j] : rest;
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t* __restrict__ xt = x + t * N + j0;
+    for (int64_t j = 0; j < nv; j += L) {
+      V h;
+      std::memcpy(&h, v + j, sizeof(V));
+      h += load_vec<acc_t>(xt + j);
+      const auto fire = h >= thr_v;
+      emit(t, j, h, fire);
+      h = fire ? (kHard ? reset_v : h - thr_v) : h;
+      std::memcpy(v + j, &h, sizeof(V));
+    }
+    for (int64_t j = nv; j < n; ++j) {  // the same step, one neuron at a time
+      const acc_t h = v[j] + static_cast<acc_t>(xt[j]);
+      const bool fire = h >= thr;
+      emit(t, j, h, fire);
+      v[j] = fire ? (kHard ? reset : h - thr) : h;
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t, bool kHard>
 void fwd_range(const scalar_t* __restrict__ x, scalar_t* __restrict__ spikes,
                const acc_t* __restrict__ v_init, acc_t* __restrict__ v_out, int64_t T, int64_t N,
                int64_t begin, int64_t end, acc_t thr, acc_t reset, acc_t rest) {
-  typedef typename Vec<acc_t>::v V;
-  constexpr int64_t L = Vec<acc_t>::L;
   alignas(64) acc_t v[kFwdBlock];
-  const V thr_v = V{} + thr, one = V{} + acc_t(1), reset_v = V{} + reset;
   for (int64_t j0 = begin; j0 < end; j0 += kFwdBlock) {
     const int64_t n = std::min(kFwdBlock, end - j0);
-    const int64_t nv = n / L * L;
-    for (int64_t j = 0; j < n; ++j) v[j] = v_init ? v_init[j0 + j] : rest;
-    for (int64_t t = 0; t < T; ++t) {
-      const scalar_t* __restrict__ xt = x + t * N + j0;
-      scalar_t* __restrict__ st = spikes + t * N + j0;
-      for (int64_t j = 0; j < nv; j += L) {
-        V h;
-        std::memcpy(&h, v + j, sizeof(V));
-        h += load_vec<acc_t>(xt + j);
-        const auto fire = h >= thr_v;
-        V s = fire ? one : V{};
-        s = (h != h) ? h : s;  // a NaN potential emits a NaN spike
-        store_vec<scalar_t, acc_t>(st + j, s);
-        h = fire ? (kHard ? reset_v : h - thr_v) : h;
-        std::memcpy(v + j, &h, sizeof(V));
-      }
-      for (int64_t j = nv; j < n; ++j) {  // the same step, one neuron at a time
-        const acc_t h = v[j] + static_cast<acc_t>(xt[j]);
-        const bool fire = h >= thr;
-        const acc_t s = (h != h) ? h : (fire ? acc_t(1) : acc_t(0));
-        st[j] = static_cast<scalar_t>(s);
-        v[j] = fire ? (kHard ? reset : h - thr) : h;
-      }
-    }
+    integrate_block<kHard>(x, v_init, v, T, N, j0, n, thr, reset, rest,
+                           [&](int64_t t, int64_t j, auto h, auto fire) {
+                             using H = decltype(h);
+                             H s = fire ? H{} + acc_t(1) : H{};
+                             s = (h != h) ? h : s;  // a NaN potential emits a NaN spike
+                             scalar_t* st = spikes + t * N + j0 + j;
+                             if constexpr (std::is_same_v<H, acc_t>) {
+                               *st = static_cast<scalar_t>(s);
+                             } else {
+                               store_vec<scalar_t, acc_t>(st, s);
+                             }
+                           });
     for (int64_t j = 0; j < n; ++j) v_out[j0 + j] = v[j];
   }
 }
@@ -318,25 +329,11 @@ void bwd_range(const scalar_t* __restrict__ x, const acc_t* __restrict__ v_init,
   for (int64_t j0 = begin; j0 < end; j0 += B) {
     const int64_t n = std::min(B, end - j0);
     const int64_t nv = n / L * L;
-    // Recompute the forward trajectory of this block (the same operations as fwd_range).
-    for (int64_t j = 0; j < n; ++j) v[j] = v_init ? v_init[j0 + j] : rest;
-    for (int64_t t = 0; t < T; ++t) {
-      const scalar_t* __restrict__ xt = x + t * N + j0;
-      acc_t* __restrict__ ht = hb + t * B;
-      for (int64_t j = 0; j < nv; j += L) {
-        V h;
-        std::memcpy(&h, v + j, sizeof(V));
-        h += load_vec<acc_t>(xt + j);
-        std::memcpy(ht + j, &h, sizeof(V));
-        h = (h >= thr_v) ? (kHard ? reset_v : h - thr_v) : h;
-        std::memcpy(v + j, &h, sizeof(V));
-      }
-      for (int64_t j = nv; j < n; ++j) {
-        const acc_t h = v[j] + static_cast<acc_t>(xt[j]);
-        ht[j] = h;
-        v[j] = (h >= thr) ? (kHard ? reset : h - thr) : h;
-      }
-    }
+    // Recompute the forward trajectory of this block (h_t into the buffer).
+    integrate_block<kHard>(x, v_init, v, T, N, j0, n, thr, reset, rest,
+                           [&](int64_t t, int64_t j, auto h, auto) {
+                             std::memcpy(hb + t * B + j, &h, sizeof(h));
+                           });
     // Reverse loop; v now carries dL/dv_t.
     for (int64_t j = 0; j < n; ++j) v[j] = gv ? gv[j0 + j] : acc_t(0);
     for (int64_t t = T - 1; t >= 0; --t) {

@@ -56,6 +56,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "common/output_pool.h"
 #include "common/parallel.h"
 #include "common/vec_math.h"
@@ -131,21 +132,30 @@ KD_INLINE double block_factor(E ref, E m, double scale) {
   return std::exp((static_cast<double>(ref) - static_cast<double>(m)) * scale);
 }
 
+// The passes of one row instance (vector type, mode, CE term on): P1, then everything after it.
+// Static members, so both see the same element types and constants without restating them.
+template <class VT, int MODE, bool CE>
+struct RowPasses {
+  using E = typename Traits<VT>::E;
+  using M = typename Traits<VT>::M;
+  static constexpr int W = Traits<VT>::W;
+  static constexpr bool KD = MODE <= M_JSD;  // a divergence at finite T
+  static constexpr E ninf = -std::numeric_limits<E>::infinity();
+
+  static KD_INLINE void pass1(const RowIO<E>& io, const RowArgs& A, E* st_a, E* st_b, E* st_1,
+                              E& ms_out, E& mt_out, RowSums& R);
+  static KD_INLINE double finish_row(const RowIO<E>& io, int64_t y, const RowArgs& A, E* st_a,
+                                     E* st_b, E* st_1, E ms, E mt, const RowSums& R);
+};
+
 // ---------------------------------------------------------------------------------------- P1
 // One sweep: per block of kBlock elements, the block maxima (the block then sits in L1), the
 // running maxima and a rescale of the sums when they grow (online softmax, one exp per block),
 // then the exps against the running maxima, staged, and the block sums. Streaming the row once
 // from memory replaces a separate max pass.
 template <class VT, int MODE, bool CE>
-KD_INLINE void pass1(const RowIO<typename Traits<VT>::E>& io, const RowArgs& A,
-                     typename Traits<VT>::E* st_a, typename Traits<VT>::E* st_b,
-                     typename Traits<VT>::E* st_1, typename Traits<VT>::E& ms_out,
-                     typename Traits<VT>::E& mt_out, RowSums& R) {
-  using E = typename Traits<VT>::E;
-  using M = typename Traits<VT>::M;
-  constexpr int W = Traits<VT>::W;
-  constexpr bool KD = MODE <= M_JSD;
-  const E ninf = -std::numeric_limits<E>::infinity();
+KD_INLINE void RowPasses<VT, MODE, CE>::pass1(const RowIO<E>& io, const RowArgs& A, E* st_a,
+                                              E* st_b, E* st_1, E& ms_out, E& mt_out, RowSums& R) {
   const VT zero = VT{};
   const int64_t V = A.V;
   const E* s = io.s;
@@ -314,15 +324,9 @@ KD_INLINE v8f minus_d(v8f x, double C) {
 // ---------------------------------------------------------------------------------------- P2+P3
 // Everything after P1 for one mode; returns the row loss.
 template <class VT, int MODE, bool CE>
-KD_INLINE double finish_row(const RowIO<typename Traits<VT>::E>& io, int64_t y, const RowArgs& A,
-                            typename Traits<VT>::E* st_a, typename Traits<VT>::E* st_b,
-                            typename Traits<VT>::E* st_1, typename Traits<VT>::E ms,
-                            typename Traits<VT>::E mt, const RowSums& R) {
-  using E = typename Traits<VT>::E;
-  using M = typename Traits<VT>::M;
-  constexpr int W = Traits<VT>::W;
-  constexpr bool KD = MODE <= M_JSD;
-  const E ninf = -std::numeric_limits<E>::infinity();
+KD_INLINE double RowPasses<VT, MODE, CE>::finish_row(const RowIO<E>& io, int64_t y,
+                                                     const RowArgs& A, E* st_a, E* st_b, E* st_1,
+                                                     E ms, E mt, const RowSums& R) {
   const VT zero = VT{};
   const VT half = VT{} + E(0.5);  // |log-ratio| below which p - q is formed as q expm1(...)
   const int64_t V = A.V;
@@ -549,8 +553,9 @@ KD_INLINE double kd_row_mode(const RowIO<typename Traits<VT>::E>& io, int64_t y,
   E* st_1 = MODE <= M_JSD ? (A.ce_shared ? st_a : io.scratch[1]) : io.gs;
   E ms, mt;
   RowSums R;
-  pass1<VT, MODE, CE>(io, A, st_a, st_b, st_1, ms, mt, R);
-  return finish_row<VT, MODE, CE>(io, y, A, st_a, st_b, st_1, ms, mt, R);
+  using P = RowPasses<VT, MODE, CE>;
+  P::pass1(io, A, st_a, st_b, st_1, ms, mt, R);
+  return P::finish_row(io, y, A, st_a, st_b, st_1, ms, mt, R);
 }
 
 // One row: writes gs (and gt) and returns the row loss alpha CE + K D (before w and reduction).
@@ -596,17 +601,10 @@ __attribute__((noinline)) double row_f64(const RowIO<double>& io, int64_t y, con
   return kd_row<v4d>(io, y, a);
 }
 
-// The AVX2+FMA build where the CPU has it; KDENGINE_CPU_PORTABLE=1 forces the portable build
-// (read per call, for tests that compare the two).
+// The AVX2+FMA build where common/cpu_isa.h allows it.
 RowFnF pick_row_f32() {
 #ifdef KD_HAVE_AVX2_BUILD
-  static const bool avx2 = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  const char* force = std::getenv("KDENGINE_CPU_PORTABLE");
-  const bool portable = force != nullptr && force[0] != '\0' && force[0] != '0';
-  if (avx2 && !portable) return &row_f32_avx2;
+  if (kdengine::use_avx2_fma()) return &row_f32_avx2;
 #endif
   return &row_f32_portable;
 }

@@ -102,37 +102,32 @@ __global__ void __launch_bounds__(kMaxBlock) kd_loss_kernel(KDParams<scalar_t, a
 
 constexpr int kWarpRowsPerBlock = 8;  // rows per 256-thread block (warp-per-row mode)
 
-template <typename scalar_t, typename acc_t>
-void run_rows_cuda(const KDParams<scalar_t, acc_t>& P) {
-  constexpr int VEC = static_cast<int>(16 / sizeof(scalar_t));
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t n = P.n_rows;
-  const int64_t max_grid = std::numeric_limits<int32_t>::max();
-  if (P.V <= kWarpRowMaxV) {
-    const dim3 block(32, kWarpRowsPerBlock);
-    const dim3 grid(static_cast<unsigned>(
-        std::min<int64_t>((n + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock, max_grid)));
-    kd_loss_kernel<scalar_t, acc_t, VEC><<<grid, block, 0, stream>>>(P);
-  } else {
-    const int threads = row_threads(P.V, VEC);
-    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(n, max_grid)));
-    kd_loss_kernel<scalar_t, acc_t, VEC><<<grid, dim3(threads, 1), 0, stream>>>(P);
+// The launch of every row (the Backend of kd_loss_fwd, kd_loss_rows.cuh).
+struct CudaRows {
+  using Guard = c10::cuda::CUDAGuard;
+  static constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
+  static constexpr const char* kWhere = "kdengine::kd_loss_kernel";
+  template <typename scalar_t, typename acc_t>
+  static void run_rows(const KDParams<scalar_t, acc_t>& P) {
+    constexpr int VEC = static_cast<int>(16 / sizeof(scalar_t));
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const int64_t n = P.n_rows;
+    const int64_t max_grid = std::numeric_limits<int32_t>::max();
+    if (P.V <= kWarpRowMaxV) {
+      const dim3 block(32, kWarpRowsPerBlock);
+      const dim3 grid(static_cast<unsigned>(
+          std::min<int64_t>((n + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock, max_grid)));
+      kd_loss_kernel<scalar_t, acc_t, VEC><<<grid, block, 0, stream>>>(P);
+    } else {
+      const int threads = row_threads(P.V, VEC);
+      const dim3 grid(static_cast<unsigned>(std::min<int64_t>(n, max_grid)));
+      kd_loss_kernel<scalar_t, acc_t, VEC><<<grid, dim3(threads, 1), 0, stream>>>(P);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cuda(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    double temperature, bool scale_t2, int64_t divergence, double beta, double hard_weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, bool need_teacher_grad) {
-  const c10::cuda::CUDAGuard guard(student.device());
-  return kd_loss_fwd_impl(student, teacher, labels, temperature, scale_t2, divergence, beta,
-                          hard_weight, ignore_index, label_smoothing, reduction, need_teacher_grad,
-                          c10::DeviceType::CUDA, "kdengine::kd_loss_kernel",
-                          [](const auto& P) { run_rows_cuda(P); });
-}
+};
 }  // namespace kdengine_cuda_kd
 
 TORCH_LIBRARY_IMPL(kdengine, CUDA, m) {
-  m.impl("kd_loss_kernel", &kdengine_cuda_kd::kd_loss_fwd_cuda);
+  m.impl("kd_loss_kernel", &kdengine_cuda_kd::kd_loss_fwd<kdengine_cuda_kd::CudaRows>);
 }

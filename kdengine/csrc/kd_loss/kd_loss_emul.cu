@@ -64,36 +64,32 @@ struct HostLanes {
 };
 
 // Every row with the thread count the GPU launch would use (32 for V <= 1024, else 64..512), all
-// threads walking the rows together like one block of the kernel.
-template <typename scalar_t, typename acc_t>
-void run_rows_host(const KDParams<scalar_t, acc_t>& P) {
-  constexpr int VEC = static_cast<int>(16 / sizeof(scalar_t));
-  const int n = row_threads(P.V, VEC);
-  HostRowShared shared(n);
-  std::vector<std::thread> threads;
-  threads.reserve(n);
-  for (int r = 0; r < n; ++r) {
-    threads.emplace_back([&, r] {
-      const Group<HostLanes> g{r, n, HostLanes{&shared, r}};
-      for (int64_t row = 0; row < P.n_rows; ++row) process_row<VEC>(P, row, g);
-    });
+// threads walking the rows together like one block of the kernel (the Backend of kd_loss_fwd).
+struct HostRows {
+  struct Guard {  // host lanes: no device to select
+    explicit Guard(const c10::Device&) {}
+  };
+  static constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
+  static constexpr const char* kWhere = "kdengine_cuda_emul::kd_loss_kernel";
+  template <typename scalar_t, typename acc_t>
+  static void run_rows(const KDParams<scalar_t, acc_t>& P) {
+    constexpr int VEC = static_cast<int>(16 / sizeof(scalar_t));
+    const int n = row_threads(P.V, VEC);
+    HostRowShared shared(n);
+    std::vector<std::thread> threads;
+    threads.reserve(n);
+    for (int r = 0; r < n; ++r) {
+      threads.emplace_back([&, r] {
+        const Group<HostLanes> g{r, n, HostLanes{&shared, r}};
+        for (int64_t row = 0; row < P.n_rows; ++row) process_row<VEC>(P, row, g);
+      });
+    }
+    for (auto& th : threads) th.join();
   }
-  for (auto& th : threads) th.join();
-}
-
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_emul(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    double temperature, bool scale_t2, int64_t divergence, double beta, double hard_weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, bool need_teacher_grad) {
-  return kd_loss_fwd_impl(student, teacher, labels, temperature, scale_t2, divergence, beta,
-                          hard_weight, ignore_index, label_smoothing, reduction, need_teacher_grad,
-                          c10::DeviceType::CPU, "kdengine_cuda_emul::kd_loss_kernel",
-                          [](const auto& P) { run_rows_host(P); });
-}
+};
 
 }  // namespace kdengine_cuda_kd
 
 TORCH_LIBRARY_IMPL(kdengine_cuda_emul, CPU, m) {
-  m.impl("kd_loss_kernel", &kdengine_cuda_kd::kd_loss_fwd_emul);
+  m.impl("kd_loss_kernel", &kdengine_cuda_kd::kd_loss_fwd<kdengine_cuda_kd::HostRows>);
 }

@@ -267,7 +267,8 @@ C10_HOST_DEVICE __forceinline__ void sweep(const scalar_t* __restrict__ s,
                                              int V, int head, int rank, int gsize, F&& f) {
   using acc_t = at::opmath_type<scalar_t>;
   const bool wt = WRITE && gt != nullptr;
-  for (int i = rank; i < head; i += gsize) {
+  // One element at a time: the head and the tail.
+  auto one = [&](int i) {
     acc_t x = 0, y = 0, a = 0, b = 0;
     if constexpr (READ) {
       x = static_cast<acc_t>(s[i]);
@@ -278,7 +279,8 @@ C10_HOST_DEVICE __forceinline__ void sweep(const scalar_t* __restrict__ s,
       gs[i] = static_cast<scalar_t>(a);
       if (wt) gt[i] = static_cast<scalar_t>(b);
     }
-  }
+  };
+  for (int i = rank; i < head; i += gsize) one(i);
   using P = VecT<scalar_t, VEC>;
   const int nvec = (V - head) / VEC;
   for (int j = rank; j < nvec; j += gsize) {
@@ -306,18 +308,7 @@ C10_HOST_DEVICE __forceinline__ void sweep(const scalar_t* __restrict__ s,
       if (wt) *reinterpret_cast<P*>(gt + base) = bs;
     }
   }
-  for (int i = head + nvec * VEC + rank; i < V; i += gsize) {
-    acc_t x = 0, y = 0, a = 0, b = 0;
-    if constexpr (READ) {
-      x = static_cast<acc_t>(s[i]);
-      y = static_cast<acc_t>(t[i]);
-    }
-    f(i, x, y, a, b);
-    if constexpr (WRITE) {
-      gs[i] = static_cast<scalar_t>(a);
-      if (wt) gt[i] = static_cast<scalar_t>(b);
-    }
-  }
+  for (int i = head + nvec * VEC + rank; i < V; i += gsize) one(i);
 }
 
 // ------------------------------------------------------------------------------- the row
@@ -360,6 +351,30 @@ C10_HOST_DEVICE void fill_row(scalar_t* gs, scalar_t* gt, int V, int head, const
                             b = value;
                           });
 }
+
+// The label-smoothed hard CE of a row at T = 1, q1 = softmax(s), from m_1 = max_i s_i and
+// l21 = log2 S1 (S1 = sum_i 2^((s_i - m_1) log2 e)). Both row kinds gather those in pass 1.
+template <typename acc_t>
+struct CETerm {
+  acc_t eps, one_m_eps, eps_v, v;  // eps, 1 - eps, eps/V, V
+  int64_t lab;
+  C10_HOST_DEVICE CETerm(acc_t eps_, int V, int64_t lab_)
+      : eps(eps_), one_m_eps(acc_t(1) - eps_), eps_v(eps_ / static_cast<acc_t>(V)),
+        v(static_cast<acc_t>(V)), lab(lab_) {}
+  // dCE/ds_i
+  C10_HOST_DEVICE acc_t grad(int i, acc_t q1) const {
+    return q1 - (i == lab ? one_m_eps : acc_t(0)) - eps_v;
+  }
+  // log q1_y = (s_y - m_1) - ln2 l21;  sum_i log q1_i = sum_s - V ln2 l21, where
+  // sum_s = sum_i (s_i - m_1) is needed (and summed by the callers) only when eps != 0.
+  C10_HOST_DEVICE acc_t loss(acc_t s_y, acc_t m_1, acc_t l21, acc_t sum_s) const {
+    const acc_t LN2 = static_cast<acc_t>(kLn2);
+    const acc_t lq1_y = (s_y - m_1) - LN2 * l21;
+    if (eps == acc_t(0)) return -lq1_y;
+    const acc_t sum_lq1 = sum_s - v * (LN2 * l21);
+    return -one_m_eps * lq1_y - eps_v * sum_lq1;
+  }
+};
 
 // Finite temperature, in log2 units (c = log2(e)/T, log2 q = (s - m_a) c - log2 Sa, ...).
 //
@@ -425,9 +440,7 @@ C10_HOST_DEVICE void row_finite(const KDParams<scalar_t, acc_t>& P, const scalar
   const acc_t ds = close ? acc_t(0) : m_a;
   const acc_t dt = close ? acc_t(0) : m_b;
 
-  const acc_t eps = P.eps;
-  const acc_t one_m_eps = acc_t(1) - eps;
-  const acc_t eps_v = eps / static_cast<acc_t>(V);
+  const CETerm<acc_t> cet(P.eps, V, lab);
   const acc_t cg_kd = nrm * P.kd_grad_w;
   const acc_t cg_ce = nrm * P.alpha;
   const acc_t beta = P.beta;
@@ -466,8 +479,7 @@ C10_HOST_DEVICE void row_finite(const KDParams<scalar_t, acc_t>& P, const scalar
   };
   // dCE/ds_i (q is the student softmax at T, == q1 when share).
   auto ce_grad = [&](int i, acc_t xs, acc_t q) -> acc_t {
-    const acc_t q1 = share ? q : k_exp2((xs - m_1) * c1) * i1;
-    return q1 - (i == lab ? one_m_eps : acc_t(0)) - eps_v;
+    return cet.grad(i, share ? q : k_exp2((xs - m_1) * c1) * i1);
   };
 
   // ---- pass 2: sums (and the gradient when it needs none)
@@ -492,7 +504,7 @@ C10_HOST_DEVICE void row_finite(const KDParams<scalar_t, acc_t>& P, const scalar
       }
     }
     if (ce) {
-      if (eps != acc_t(0)) sums[2] += xs - m_1;
+      if (cet.eps != acc_t(0)) sums[2] += xs - m_1;
       grad += cg_ce * ce_grad(i, xs, q);
     }
     out_s = grad;
@@ -538,16 +550,7 @@ C10_HOST_DEVICE void row_finite(const KDParams<scalar_t, acc_t>& P, const scalar
   if (g.rank == 0) {
     acc_t L = 0;
     if (kd) L += P.kd_loss_w * (LN2 * d2);
-    if (ce) {
-      // log q1_y = (s_y - m_1) - ln2 log2 S1;  sum_i log q1_i = sum_i (s_i - m_1) - V ln2 log2 S1
-      const acc_t lq1_y = (static_cast<acc_t>(s[lab]) - m_1) - LN2 * l21;
-      acc_t ce_r = -lq1_y;
-      if (eps != acc_t(0)) {
-        const acc_t sum_lq1 = sums[2] - static_cast<acc_t>(V) * (LN2 * l21);
-        ce_r = -one_m_eps * lq1_y - eps_v * sum_lq1;
-      }
-      L += P.alpha * ce_r;
-    }
+    if (ce) L += P.alpha * cet.loss(static_cast<acc_t>(s[lab]), m_1, l21, sums[2]);
     *out = L;
   }
 }
@@ -563,7 +566,6 @@ C10_HOST_DEVICE void row_tinf(const KDParams<scalar_t, acc_t>& P, const scalar_t
   const bool ce = P.has_ce;
   const acc_t c1 = P.c1;
   const acc_t NEG = neg_inf<acc_t>();
-  const acc_t LN2 = static_cast<acc_t>(kLn2);
 
   acc_t st[4];  // (max, sum-exp2) of s at T = 1; V'; sum d
   const InfStatsOp<acc_t> op1{c1};
@@ -583,9 +585,7 @@ C10_HOST_DEVICE void row_tinf(const KDParams<scalar_t, acc_t>& P, const scalar_t
   const acc_t n_keep = st[2];
   const acc_t mean = st[3] / n_keep;  // 0/0 = NaN for an all-masked row: allowed to be NaN
 
-  const acc_t eps = P.eps;
-  const acc_t one_m_eps = acc_t(1) - eps;
-  const acc_t eps_v = eps / static_cast<acc_t>(V);
+  const CETerm<acc_t> cet(P.eps, V, lab);
   const acc_t cg_kd = nrm * P.kd_grad_w / n_keep;
   const acc_t cg_ce = nrm * P.alpha;
   acc_t sums[2] = {0, 0};  // sum dc^2; sum (s - m_1)
@@ -600,9 +600,8 @@ C10_HOST_DEVICE void row_tinf(const KDParams<scalar_t, acc_t>& P, const scalar_t
                            }
                            acc_t grad = gk;
                            if (ce) {
-                             if (eps != acc_t(0)) sums[1] += x - m_1;
-                             const acc_t q1 = k_exp2((x - m_1) * c1) * i1;
-                             grad += cg_ce * (q1 - (i == lab ? one_m_eps : acc_t(0)) - eps_v);
+                             if (cet.eps != acc_t(0)) sums[1] += x - m_1;
+                             grad += cg_ce * cet.grad(i, k_exp2((x - m_1) * c1) * i1);
                            }
                            out_s = grad;
                            out_t = -gk;
@@ -611,15 +610,7 @@ C10_HOST_DEVICE void row_tinf(const KDParams<scalar_t, acc_t>& P, const scalar_t
   if (g.rank == 0) {
     acc_t L = 0;
     if (kd) L += P.kd_loss_w * sums[0] / (acc_t(2) * n_keep);
-    if (ce) {
-      const acc_t lq1_y = (static_cast<acc_t>(s[lab]) - m_1) - LN2 * l21;
-      acc_t ce_r = -lq1_y;
-      if (eps != acc_t(0)) {
-        const acc_t sum_lq1 = sums[1] - static_cast<acc_t>(V) * (LN2 * l21);
-        ce_r = -one_m_eps * lq1_y - eps_v * sum_lq1;
-      }
-      L += P.alpha * ce_r;
-    }
+    if (ce) L += P.alpha * cet.loss(static_cast<acc_t>(s[lab]), m_1, l21, sums[1]);
     *out = L;
   }
 }
@@ -686,14 +677,18 @@ inline at::Tensor aligned16(const at::Tensor& x) {
   return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 ? x : x.clone();
 }
 
-// Checks the arguments, allocates the outputs and runs every row with run_rows(P) (the CUDA
-// launch, or the host emulation); the caller holds the device guard.
-template <typename RunRows>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_impl(
+// The op kd_loss_kernel of one backend: checks the arguments, allocates the outputs and runs every
+// row with Backend::run_rows(P) under a Backend::Guard of the student's device. Backend names its
+// device type (kDevice) and the op in messages (kWhere): CudaRows in kd_loss.cu (the launch),
+// HostRows in kd_loss_emul.cu (the host emulation).
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     double temperature, bool scale_t2, int64_t divergence, double beta, double hard_weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, bool need_teacher_grad,
-    c10::DeviceType device_type, const char* where, const RunRows& run_rows) {
+    int64_t ignore_index, double label_smoothing, int64_t reduction, bool need_teacher_grad) {
+  constexpr c10::DeviceType device_type = Backend::kDevice;
+  const char* const where = Backend::kWhere;
+  const typename Backend::Guard guard(student.device());
   TORCH_CHECK_VALUE(student.device().type() == device_type && teacher.device() == student.device(),
                     where, ": student and teacher must be on one ",
                     c10::DeviceTypeName(device_type), " device, got ", student.device(), " and ",
@@ -801,7 +796,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_impl(
       P.kd_grad_w = static_cast<acc_t>((1.0 - alpha) * (t_inf ? k_inf : c_t / temperature));
       TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(P.grad_s) % 16 == 0 &&
                             reinterpret_cast<uintptr_t>(P.grad_t) % 16 == 0);
-      run_rows(P);
+      Backend::run_rows(P);
     });
   }
 

@@ -40,6 +40,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "common/output_pool.h"
 #include "common/parallel.h"
 #include "common/vec_math.h"
@@ -134,18 +135,17 @@ __attribute__((noinline, target("avx2,fma"))) void grad_avx2(const float* x, flo
 }
 #endif
 
-bool use_avx2() {
+// The row functions of one build: AVX2+FMA where common/cpu_isa.h allows it, else portable.
+struct RowFns {
+  StatsFn stats;
+  GradFn grad;
+};
+
+RowFns row_fns() {
 #ifdef TOPK_HAVE_AVX2
-  static const bool avx2 = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  const char* force = std::getenv("KDENGINE_CPU_PORTABLE");
-  const bool portable = force != nullptr && force[0] != '\0' && force[0] != '0';
-  return avx2 && !portable;
-#else
-  return false;
+  if (kdengine::use_avx2_fma()) return {&stats_avx2, &grad_avx2};
 #endif
+  return {&stats_portable, &grad_portable};
 }
 
 void check_student(const at::Tensor& x) {
@@ -171,11 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_student_stats(
   double* ls = logsum.data_ptr<double>();
   double* lr = need_rest ? logrest.data_ptr<double>() : nullptr;
   double* sx = sumx.data_ptr<double>();
-  const StatsFn fn =
-#ifdef TOPK_HAVE_AVX2
-      use_avx2() ? &stats_avx2 :
-#endif
-                 &stats_portable;
+  const StatsFn fn = row_fns().stats;
   const float it = static_cast<float>(inv_t);
   kdengine::parallel_for_dynamic(0, N, 8, [&](int64_t b, int64_t e) {
     // 0/1 weights of the tokens outside K: all ones between rows (each row restores them)
@@ -218,11 +214,7 @@ at::Tensor topk_student_grad(const at::Tensor& x, const at::Tensor& rowmax, cons
   const double* ls = logsum.data_ptr<double>();
   const float* a1 = c1.data_ptr<float>();
   const float* a0 = c0.data_ptr<float>();
-  const GradFn fn =
-#ifdef TOPK_HAVE_AVX2
-      use_avx2() ? &grad_avx2 :
-#endif
-                 &grad_portable;
+  const GradFn fn = row_fns().grad;
   const float it = static_cast<float>(inv_t);
   kdengine::parallel_for_dynamic(0, N, 8, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r)
