@@ -189,7 +189,9 @@ def test_binary_mnist_quick_entry_writes_its_results(tmp_path, fake_checkout):
         # the packed model predicts what the trained one did, at 1 bit per binary weight
         assert v["packed_vs_trained_prediction_mismatches"] == 0, name
         assert v["packed_test_accuracy"] == v["test_accuracy"], name
-        assert v["binary_layers_compression"] > 30, name
-        assert v["packed_state_bytes"] * 10 < v["fp32_state_bytes"], name
+        # 32x less padding of each filter to whole words and the per-channel scales (width 8 here)
+        assert v["binary_layers_compression"] > 25, name
+        # the whole model shrinks less: its first and last layers stay float
+        assert v["packed_state_bytes"] * 4 < v["fp32_state_bytes"], name
     assert "| both |" in (tmp_path / "o" / "binary_mnist.md").read_text()
     assert _files(committed) == []
