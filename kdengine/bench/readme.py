@@ -120,7 +120,26 @@ def demo(results: Path) -> str:
              f"whole run {d.get('wall_seconds', '?')} s.", ""]
     lines += format_table(d["table"], markdown=True).splitlines()
     lines += ["", kd_vs_ce(d)]
+    runtime = packed_vs_float(d)
+    if runtime:
+        lines += ["", runtime]
     return "\n".join(lines)
+
+
+def packed_vs_float(d: dict) -> str:
+    """The packed runtime's batch-1 p50 against the same architecture with fp32 layers, said plainly."""
+    lat = d.get("runtime", {}).get("latency_batch1_ms", {})
+    packed, fp32 = lat.get("packed_runtime"), lat.get("student_float_eager")
+    if not packed or not fp32:
+        return ""
+    ratio = fp32["p50_ms"] / packed["p50_ms"]
+    text = (f"Batch-1 p50: the packed runtime {packed['p50_ms']:.3f} ms, the same architecture with fp32 "
+            f"layers in torch eager {fp32['p50_ms']:.3f} ms ({ratio:.2f}x).")
+    if ratio < 1.2:
+        n = d["runtime"].get("xnor_layers", "?")
+        text += (f" At this model's size ({n} small binary layers) the packed kernels save memory, "
+                 "not time; the larger models of the `kdengine bench` table above show the speed-up.")
+    return text
 
 
 def kd_vs_ce(d: dict) -> str:
