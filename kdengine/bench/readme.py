@@ -45,8 +45,12 @@ def bench_cpu(results: Path) -> str:
 
     d = json.loads((results / "bench_cpu.json").read_text())
     rows = d["rows"]
+    # the row's suite name -> the command's --suite name
+    cli = {"kd_loss": "kd", "binary": "binary", "if_multistep": "spiking", "infer": "infer", "llm": "llm"}
+    suites = [name for key, name in cli.items() if any(r.get("suite") == key for r in rows)]
+    command = "kdengine bench" + "".join(f" --suite {name}" for name in suites)
     lines = [_source("bench_cpu.json"), "",
-             f"Machine: {_machine(d['machine'])}. Command: `kdengine bench`; baselines measured in the "
+             f"Machine: {_machine(d['machine'])}. Command: `{command}`; baselines measured in the "
              "same run; ratio = baseline time / kdengine time (median wall time; batch-1 latency: p50).", ""]
     cases: dict[str, list[dict]] = {}
     for rec in comparisons(rows):
