@@ -71,7 +71,8 @@ def llm(results: Path) -> str:
     rows = [r for r in d["rows"] if "median_s" in r]
     ours = next(r for r in rows if r["impl"].startswith("kdengine"))
     lines = [_source("llm.json"), "",
-             f"Machine: {_machine(d['machine'])}. Command: `kdengine bench --suite llm`; "
+             f"Machine: {_machine(d['machine'])}. Command: `python -m kdengine.bench.llm --out-dir DIR` "
+             "(the llm suite of `kdengine bench`); "
              f"{ours['shape']}, {ours['dtype']}, forward + backward; ratio = variant time / "
              f"{ours['impl']} time.", ""]
     body = []
