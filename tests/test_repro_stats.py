@@ -116,3 +116,22 @@ def test_paired_comparisons_groups_and_notes():
         paired_comparisons(rows, baseline="xx", metric="acc", within=("dataset",))
     with pytest.raises(KeyError, match="'acc'"):
         paired_comparisons([{"method": "ce", "seed": 0}], baseline="ce", metric="acc")
+
+
+def test_write_results_reports_paired_differences_tuning_and_departures(tmp_path):
+    import json
+
+    from kdengine.repro.common import write_results
+
+    rows = [{"dataset": "d", "method": m, "seed": s, "test_acc": 0.7 + 0.01 * s + (0.02 if m == "kd" else 0.0)}
+            for s in range(3) for m in ("ce", "kd")]
+    res = write_results("x", rows, tmp_path, title="t", plot=False,
+                        paired={"baseline": "ce", "metric": "test_acc", "within": ("dataset",)},
+                        tuning=["T on val: 4"], departures=["5 seeds, not 3"])
+    md = (tmp_path / "x.md").read_text()
+    assert "Paired by seed against ce (test_acc)" in md and "| d | kd | +2.00 | [+2.00, +2.00] | 3 / 0 |" in md
+    assert "Tuned (and on what):\n- T on val: 4" in md and "Departures from the paper:\n- 5 seeds, not 3" in md
+    assert "kd: better than ce by +2.00 points" in md
+    payload = json.loads((tmp_path / "x.json").read_text())
+    assert payload["paired"][0]["mean"] == pytest.approx(2.0) and payload["departures"] == ["5 seeds, not 3"]
+    assert set(res["paths"]) == {"json", "md"}

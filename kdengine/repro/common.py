@@ -44,6 +44,33 @@ def mnist_note(seed: int = 0, n_train: int = 8000) -> str:
             "the 60k training set is not used")
 
 
+def fashion_split(*, n_val: int = 5000, split_seed: int = 0, student_subset: int = 10_000,
+                  quick_sizes: Optional[tuple[int, int, int, int]] = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """The Fashion-MNIST parts a reproduction uses (see :func:`kdengine.data.load_fashion_mnist`):
+    ``teacher_train`` (the official 60k train images less ``n_val``), ``student_train`` (a fixed
+    ``student_subset`` of those), ``val`` (for every hyper-parameter choice) and ``test`` (the
+    official 10k, reported only). ``quick_sizes`` = (teacher, student, val, test) keeps the first
+    images of each part for a ``--quick`` run."""
+    from kdengine.data import load_fashion_mnist
+
+    parts = {
+        "teacher_train": load_fashion_mnist("train", n_val=n_val, seed=split_seed),
+        "student_train": load_fashion_mnist("train", n_val=n_val, seed=split_seed, subset=student_subset),
+        "val": load_fashion_mnist("val", n_val=n_val, seed=split_seed),
+        "test": load_fashion_mnist("test"),
+    }
+    if quick_sizes is not None:
+        parts = {k: (x[:n], y[:n]) for (k, (x, y)), n in zip(parts.items(), quick_sizes)}
+    return parts
+
+
+def fashion_note(parts: Mapping[str, tuple[Tensor, Tensor]], *, n_val: int, split_seed: int) -> str:
+    sizes = ", ".join(f"{k} {int(v[1].numel())}" for k, v in parts.items())
+    return (f"Fashion-MNIST (Xiao, Rasul, Vollgraf 2017; MIT license), official 60k/10k files: {n_val} of "
+            f"the training images held out for validation (seed {split_seed}); sizes: {sizes}. "
+            "Hyper-parameters are chosen on val, never on test")
+
+
 # --------------------------------------------------------------------------- setup and training
 
 
@@ -278,6 +305,9 @@ def write_results(
     plot: bool | Callable[[Any, list[dict[str, Any]]], None] = True,
     wall_s: Optional[float] = None,
     seeds: Optional[Sequence[int]] = None,
+    paired: Optional[Mapping[str, Any]] = None,
+    departures: Sequence[str] = (),
+    tuning: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write ``name.json``, ``name.md`` and ``name.png`` into ``out_dir`` (atomically).
 
@@ -292,6 +322,11 @@ def write_results(
         extra_md: more markdown appended (e.g. a second table).
         plot: True for the default bar chart of ``metrics[0]``, False for none, or
             ``fn(fig, summary)`` drawing on a matplotlib figure.
+        paired: keyword arguments of :func:`kdengine.repro.stats.paired_comparisons` (``baseline``,
+            ``metric``, ``within``...): every method against the baseline, paired by seed, with a
+            confidence interval; a table and one sentence per method.
+        departures: where this run departs from the paper's recipe, one line each.
+        tuning: which hyper-parameters were chosen, on what data, one line each.
 
     Returns ``{"summary", "table", "paths"}``.
     """
@@ -311,6 +346,18 @@ def write_results(
         md += [f"- {k}: {v}" for k, v in setup.items()]
         md.append("")
     md += [table, ""]
+    comparisons: list[dict[str, Any]] = []
+    if paired:
+        from kdengine.repro.stats import paired_comparisons
+
+        comparisons = paired_comparisons(rows, **paired)
+        md += [_paired_table(comparisons, paired), ""]
+        notes = [c["note"] for c in comparisons] + list(notes)
+    for heading, lines in (("Tuned (and on what)", tuning), ("Departures from the paper", departures)):
+        if lines:
+            md.append(f"{heading}:")
+            md += [f"- {line}" for line in lines]
+            md.append("")
     if notes:
         md.append("Findings:")
         md += [f"- {n}" for n in notes]
@@ -337,6 +384,7 @@ def write_results(
         "setup": dict(setup or {}), "seeds": list(seeds) if seeds is not None else None,
         "wall_s": wall_s, "group_by": list(group_by), "metrics": list(metrics),
         "summary": summary, "rows": [dict(r) for r in rows], "notes": list(notes),
+        "paired": comparisons, "tuning": list(tuning), "departures": list(departures),
         "extra_md": extra_md,
     }
     files[f"{name}.json"] = to_json(payload)
@@ -344,6 +392,21 @@ def write_results(
     written = write_files(out_dir, files)
     paths = {n.rsplit(".", 1)[1]: p for n, p in written.items()}
     return {"summary": summary, "table": table, "paths": paths}
+
+
+def _paired_table(comparisons: Sequence[Mapping[str, Any]], paired: Mapping[str, Any]) -> str:
+    within = list(paired.get("within", ()))
+    method_key = paired.get("method_key", "method")
+    unit = paired.get("unit", " points").strip()
+    head = [*within, method_key, f"mean difference ({unit})", "95 % CI" if paired.get("confidence", 0.95) == 0.95
+            else f"{100 * paired['confidence']:g} % CI", "seeds higher / lower", "per seed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in comparisons:
+        ci = "-" if c["ci_low"] is None else f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
+        cells = [*(str(c[k]) for k in within), str(c[method_key]), f"{c['mean']:+.2f}", ci,
+                 f"{c['wins']} / {c['losses']}", " ".join(f"{d:+.2f}" for d in c["differences"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return (f"Paired by seed against {paired['baseline']} ({paired['metric']}):\n\n" + "\n".join(lines))
 
 
 def write_mnist_results(name: str, rows: Sequence[Mapping[str, Any]], args: Any, cfg: Mapping[str, Any],
