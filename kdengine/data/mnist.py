@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import struct
 import zlib
+from collections.abc import Callable
 from importlib import resources
 
 import numpy as np
@@ -77,37 +78,55 @@ def parse_idx(raw: bytes, *, expected_magic: int, name: str = "IDX data") -> np.
     return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(dims)
 
 
-def _read_gz(fname: str) -> bytes:
-    res = resources.files("kdengine.data").joinpath("mnist", fname)
+def _read_package_bytes(folder: str, fname: str) -> bytes:
+    return resources.files("kdengine.data").joinpath(folder, fname).read_bytes()
+
+
+def _read_package_gz(folder: str, fname: str, md5: str, dataset: str) -> bytes:
+    """The decompressed content of the package-data file ``kdengine/data/<folder>/<fname>``.
+
+    The md5 of the gz file is checked against ``md5`` first, so a damaged or swapped install is
+    reported (naming ``dataset`` and the file) instead of being trained on.
+    """
     try:
-        blob = res.read_bytes()
+        blob = _read_package_bytes(folder, fname)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"MNIST file {fname} is missing from the kdengine package data (kdengine/data/mnist/); "
+            f"{dataset} file {fname} is missing from the kdengine package data (kdengine/data/{folder}/); "
             "reinstall kdengine"
         ) from None
-    md5 = hashlib.md5(blob).hexdigest()
-    if md5 != _MD5[fname]:
-        raise ValueError(
-            f"MNIST file {fname} is corrupt: md5 {md5}, expected {_MD5[fname]}; reinstall kdengine"
-        )
+    got = hashlib.md5(blob).hexdigest()
+    if got != md5:
+        raise ValueError(f"{dataset} file {fname} is corrupt: md5 {got}, expected {md5}; reinstall kdengine")
     try:
         return gzip.decompress(blob)
     except (OSError, EOFError, zlib.error) as exc:  # pragma: no cover - md5 catches this first
-        raise ValueError(f"MNIST file {fname} is not a valid gzip file: {exc}") from None
+        raise ValueError(f"{dataset} file {fname} is not a valid gzip file: {exc}") from None
+
+
+def _read_gz(fname: str) -> bytes:
+    return _read_package_gz("mnist", fname, _MD5[fname], "MNIST")
+
+
+def _decode_images_labels(
+    read_gz: Callable[[str], bytes], images_name: str, labels_name: str, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 ``(n, 28, 28)`` images and ``(n,)`` labels of an IDX file pair, checked for the
+    sizes and the 10 classes every MNIST-format release has."""
+    images = parse_idx(read_gz(images_name), expected_magic=_MAGIC_IMAGES, name=images_name)
+    labels = parse_idx(read_gz(labels_name), expected_magic=_MAGIC_LABELS, name=labels_name)
+    if images.shape != (n, 28, 28):
+        raise ValueError(f"{images_name}: expected shape ({n}, 28, 28), got {images.shape}")
+    if labels.shape != (n,):
+        raise ValueError(f"{labels_name}: expected shape ({n},), got {labels.shape}")
+    if int(labels.max()) >= MNIST_CLASSES:
+        raise ValueError(f"{labels_name}: labels must be in 0..9, found {int(labels.max())}")
+    return images, labels
 
 
 @functools.lru_cache(maxsize=1)
 def _load_raw() -> tuple[np.ndarray, np.ndarray]:
-    images = parse_idx(_read_gz(_IMAGES), expected_magic=_MAGIC_IMAGES, name=_IMAGES)
-    labels = parse_idx(_read_gz(_LABELS), expected_magic=_MAGIC_LABELS, name=_LABELS)
-    if images.shape != (MNIST_TOTAL, 28, 28):
-        raise ValueError(f"{_IMAGES}: expected shape ({MNIST_TOTAL}, 28, 28), got {images.shape}")
-    if labels.shape != (MNIST_TOTAL,):
-        raise ValueError(f"{_LABELS}: expected shape ({MNIST_TOTAL},), got {labels.shape}")
-    if int(labels.max()) >= MNIST_CLASSES:
-        raise ValueError(f"{_LABELS}: labels must be in 0..9, found {int(labels.max())}")
-    return images, labels
+    return _decode_images_labels(_read_gz, _IMAGES, _LABELS, MNIST_TOTAL)
 
 
 def split_indices(seed: int = 0, n_train: int = 8000) -> tuple[Tensor, Tensor]:
