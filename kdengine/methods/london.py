@@ -16,8 +16,9 @@ the teacher's per-sample ``sigma`` of every consecutive pair::
 Teacher and student may have different channel counts: sigma is a scalar per sample and pair, so
 only the *number* of tapped layers has to agree.
 
-Spectral norm, done right. The released code runs the power iteration and returns sigma under
-``no_grad``, so its Lipschitz term never reaches the student. Here the power iteration on
+Spectral norm with a gradient. The first release of the authors' code computed sigma under
+``no_grad``, so its Lipschitz term never reached the student; the authors fixed that in September
+2021, and their current code, like this one, trains through sigma. Here the power iteration on
 ``TM TM^T`` runs without gradient only to find the top singular vectors ``u, v``; then
 ``sigma = u^T TM v`` is evaluated *with* gradient. At convergence ``d sigma / d TM = u v^T``,
 which is exactly the gradient of the top singular value, so nothing is lost by not
