@@ -170,3 +170,66 @@ def test_gaussian_mixture_is_seeded_and_grouped():
         gaussian_mixture(n_classes=4, n_groups=5)
     with pytest.raises(ValueError, match="noise_scale"):
         gaussian_mixture(noise_scale=0.0)
+
+
+def test_confusable_scores_count_within_group_mixups():
+    from kdengine.repro.tang import confusable_scores
+
+    # classes 0 T-shirt, 2 Pullover, 4 Coat, 6 Shirt, two test images each, plus a Trouser (1)
+    y = torch.tensor([0, 0, 2, 2, 4, 4, 6, 6, 1])
+    pred = torch.tensor([0, 6, 2, 2, 4, 1, 0, 6, 1])
+    s = confusable_scores(pred, y)
+    assert s["acc T-shirt/top"] == 0.5 and s["acc Pullover"] == 1.0 and s["acc Coat"] == 0.5
+    assert s["acc Shirt"] == 0.5
+    assert s["group_acc"] == 5 / 8
+    # the coat predicted as trouser left the group: only the two shirt <-> T-shirt swaps count
+    assert s["within_group_confusion"] == 2 / 8
+
+
+def test_claims_are_decided_by_the_paired_interval():
+    from kdengine.repro.tang import FASHION, VARIANT_LABELS, _claims
+
+    gain = {"ce": 0.0, "ls": 0.002, "kd": 0.02, "pt": 0.018, "sim": -0.01, "pt+sim": 0.019}
+    noise = [0.001, -0.002, 0.0, 0.002, -0.001]
+    rows, group_rows = [], []
+    for k, (v, g) in enumerate(gain.items()):
+        for s in range(5):
+            e = noise[(s + k) % 5]
+            rows.append({"dataset": FASHION, "method": VARIANT_LABELS[v], "seed": s, "test_acc": 0.8 + g + e})
+            group_rows.append({"dataset": FASHION, "method": VARIANT_LABELS[v], "seed": s,
+                               "group_acc": 0.7 + g + (e if v != "ls" else -e)})
+    lines = _claims(rows, group_rows)
+    assert "REPRODUCED" in lines[0] and "KD improves" in lines[0]
+    assert "NOT REPRODUCED" not in lines[0]
+    assert "CONTRADICTED" in lines[3]          # the similarity teacher is worse here
+    assert lines[5].startswith(f"{FASHION}: instance + domain") and "consistent" in lines[5]
+
+
+def test_tang_entry_defaults_to_five_seeds():
+    from kdengine import repro
+
+    e = repro.registry()["tang"]
+    assert e.seeds == (0, 1, 2, 3, 4) and e.quick_minutes <= 1 and e.minutes <= 10
+
+
+@pytest.mark.slow
+def test_tang_quick_entry_writes_paired_results(tmp_path):
+    import json
+
+    from kdengine import repro
+
+    n = torch.get_num_threads()
+    assert repro.main(["tang", "--quick", "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == n
+    res = json.loads((tmp_path / "tang.json").read_text())
+    assert res["seeds"] == [0, 1, 2, 3, 4] and res["tuning"] and res["departures"]
+    students = [r for r in res["rows"] if "reference" not in r["method"]]
+    assert {r["dataset"] for r in students} == {"Fashion-MNIST", "synthetic"}
+    seeds = {}
+    for r in students:
+        seeds.setdefault((r["dataset"], r["method"]), set()).add(r["seed"])
+    assert all(s == {0, 1, 2, 3, 4} for s in seeds.values()) and len(seeds) == 12
+    assert {c["baseline"] for c in res["paired"]} == {"CE (student alone)"}
+    md = (tmp_path / "tang.md").read_text()
+    assert "against KD (vanilla)" in md and "Shirt" in md and "QUICK run" in md
+    assert "Tuned (and on what)" in md and "Departures from the paper" in md
