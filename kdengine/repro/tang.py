@@ -315,8 +315,8 @@ def _diag_md(diag: dict[str, list[dict]]) -> list[str]:
 
 
 DEPARTURES = [
-    "dataset: Fashion-MNIST (28 x 28 grey, 10 classes) and a synthetic Gaussian mixture; the paper's image "
-    "experiments use larger benchmarks (CIFAR-100 / ImageNet scale) with ResNet-family networks",
+    "dataset: Fashion-MNIST (28 x 28 grey, 10 classes) and a synthetic Gaussian mixture; the paper's real-data "
+    "experiments use larger benchmarks and deeper networks",
     "models: teacher a small CNN (conv16-conv32-fc128, 4 epochs), student an MLP 784-64-10 (20 epochs) on a "
     "fixed 10k subset of the teacher's training images; far smaller nets and schedules than the paper's",
     "one teacher per run (seed 1000): the seed spread and the paired intervals cover student seeds only, not "
