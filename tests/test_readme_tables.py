@@ -72,3 +72,16 @@ def test_generated_numbers_come_from_the_files():
     assert f"{demo['table'][0]['accuracy']:.4f}" in text and demo["machine"]["date"] in text
     cpu = json.loads((RESULTS / "bench_cpu.json").read_text())
     assert cpu["machine"]["date"] in readme.bench_cpu(RESULTS)
+
+
+def test_repro_region_lists_claim_verdicts_and_entries_without_them(tmp_path):
+    (tmp_path / "repro").mkdir()
+    claim = "F: KD improves on CE: REPRODUCED: KD - CE on test_acc = +0.47 points, 95 % CI [+0.20, +0.74]"
+    (tmp_path / "repro" / "a.json").write_text(json.dumps({
+        "title": "Paper A", "seeds": [0, 1, 2, 3, 4], "wall_s": 120.0, "machine": {"cpu": "cpuX"},
+        "paired": [{"note": "x"}], "notes": ["x", claim]}))
+    (tmp_path / "repro" / "b.json").write_text(json.dumps({
+        "title": "Paper B", "seeds": [0, 1, 2], "data": "MNIST: the split", "notes": ["B beats A"]}))
+    text = readme.repro(tmp_path)
+    assert f"- {claim}" in text and "**Paper A** (`kdengine repro a`; seeds 0, 1, 2, 3, 4; 2.0 min on cpuX" in text
+    assert "`b` (MNIST, 3 seeds)" in text and "B beats A" not in text
