@@ -180,3 +180,91 @@ def test_bad_inputs():
     nan = torch.randn(2, 3)
     nan[0, 0] = float("nan")
     assert torch.isnan(inheritance_loss(nan, torch.randn(2, 3)))
+
+
+def _mean_pairwise_cosine(f):
+    n = factor_normalize(f)
+    c = n @ n.T
+    k = c.shape[0]
+    return float((c.sum() - c.diagonal().sum()) / (k * k - k))
+
+
+def test_iedml_factor_uses_the_batch_statistics_of_the_reconstruction_step():
+    """The factor a peer inherits is the auto-encoder's code in its training pass (batch
+    statistics, weights before the step), not an eval-mode encode whose BatchNorm running statistics
+    (mean 0, var 1 at the start) lag behind the features; with features of small variance, as a
+    ReLU CNN's at initialisation, that code is nearly one unit vector for every image."""
+    import copy
+
+    from kdengine.models import small_cnn
+
+    torch.manual_seed(2)
+    a, b = small_cnn(channels=(4, 8), hidden=32), small_cnn(channels=(4, 8), hidden=32)
+    pair = IEDML(a, b, "5", "5", 8, 8, torch.optim.Adam(a.parameters(), lr=1e-2),
+                 torch.optim.Adam(b.parameters(), lr=1e-2), factor_channels=8)
+    x = torch.rand(64, 1, 28, 28)
+    with torch.no_grad():
+        feat = b[:6](x)
+    assert feat.var() < 0.1   # far from the running variance a fresh BatchNorm starts with
+    ae0 = copy.deepcopy(pair.aes[1]).train()
+    logits, factor, rec = pair._source(1, x)
+    with torch.no_grad():
+        want_rec, want = ae0(feat)
+    torch.testing.assert_close(factor, want)
+    assert rec == pytest.approx(F.mse_loss(want_rec, feat).item(), rel=1e-5)
+    assert not factor.requires_grad
+    assert any(not torch.equal(p, q) for p, q in zip(pair.aes[1].parameters(), ae0.parameters()))
+    # the eval-mode factor is nearly input-independent; the one handed over is not
+    with torch.no_grad():
+        stale = copy.deepcopy(pair.aes[1]).eval().encode(feat)
+    assert _mean_pairwise_cosine(stale) > 0.95
+    assert _mean_pairwise_cosine(factor) < 0.9
+    pair.remove()
+
+
+@pytest.mark.slow
+def test_iedml_peers_both_learn_on_the_seed_that_collapsed():
+    """MNIST seed 2 of the former `kdengine repro iekd`: peer A ended at chance (10.7 %) because it
+    inherited near-constant factors and its features died; after 60 steps it was at 11 %."""
+    from kdengine.models import small_cnn
+    from kdengine.repro.common import mnist_split
+    from kdengine.train import evaluate
+    from kdengine.train.distiller import global_batches
+
+    (xtr, ytr), test = mnist_split(0)
+    seed = 2
+    torch.manual_seed(2000 + seed)
+    a, b = small_cnn(channels=(4, 8), hidden=32), small_cnn(channels=(4, 8), hidden=32)
+    pair = IEDML(a, b, "5", "5", 8, 8, torch.optim.Adam(a.parameters(), lr=1e-2),
+                 torch.optim.Adam(b.parameters(), lr=1e-2), factor_channels=8, l_inh=50.0,
+                 l_exp=10.0, seed=seed, dml_weight=1.0, ae_lr=2e-3)
+    for t, idx in enumerate(global_batches(xtr.shape[0], 128, seed, 0)):
+        if t == 60:
+            break
+        pair.step(xtr[idx], ytr[idx])
+    pair.remove()
+    with torch.no_grad():
+        live = [(net[:8](test[0][:500]) > 0).float().mean().item() for net in (a, b)]
+    accs = [evaluate(net, test) for net in (a, b)]
+    assert min(live) > 0.1, live      # hidden ReLUs still active in both peers
+    assert min(accs) > 0.6, accs
+
+
+@pytest.mark.slow
+def test_repro_quick_entry(tmp_path):
+    import json
+
+    from kdengine import repro
+
+    assert repro.main(["iekd", "--quick", "--seeds", "0", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "iekd.json").read_text())
+    methods = {(r["direction"], r["method"]) for r in res["rows"]}
+    assert methods == {("L->S", m) for m in ("alone", "kd", "iekd", "iekd no-exp", "dml", "ie-dml")} | {
+        ("S->L", m) for m in ("alone", "kd", "iekd", "iekd no-exp")}
+    for r in res["rows"]:
+        assert r["test_acc"] > 0.3, r
+        if r["method"] in ("dml", "ie-dml"):
+            assert min(r["test_acc_a"], r["test_acc_b"]) > 0.3, r
+    assert res["paired"] and res["tuning"] and res["departures"]
+    assert sum(n.startswith("claim: ") for n in res["notes"]) == 7
+    assert "Paired by seed against alone" in res["extra_md"] and "against dml" in res["extra_md"]

@@ -279,8 +279,9 @@ class IEDML:
         ae_lr: Adam learning rate of the two online auto-encoders.
 
     :meth:`step` (one batch): the auto-encoder of B takes a reconstruction step on B's current
-    features; A takes a step on ``CE + IE(A, factor_B) + dml * KL(p_B || p_A)``; then the same
-    with the roles swapped, B learning from the *updated* A. Returns floats ``loss_a``,
+    features, and its code in that step (batch statistics) is B's factor; A takes a step on
+    ``CE + IE(A, factor_B) + dml * KL(p_B || p_A)``; then the same with the roles swapped, B
+    learning from the *updated* A. Returns floats ``loss_a``,
     ``loss_b``, ``rec_a``, ``rec_b``.
     """
 
@@ -312,15 +313,18 @@ class IEDML:
             logits = net(x)
             feat = hooks.features[0].detach()
         hooks.clear()
+        # The factor comes from the same batch-statistics pass as the reconstruction step. An
+        # eval-mode encode would use BatchNorm running statistics that lag far behind the
+        # features of a network that is itself still training (they start at mean 0, var 1 and
+        # move by 10 % a step); early on that factor is nearly the same unit vector for every
+        # image, and inheriting it drives the learner's features to a constant (a peer at chance).
         ae.train()
-        rec = ae.reconstruction_loss(feat)
+        rec_f, z = ae(feat)
+        rec = F.mse_loss(rec_f, feat)
         opt.zero_grad(set_to_none=True)
         rec.backward()
         opt.step()
-        with torch.no_grad():
-            ae.eval()
-            factor = ae.encode(feat)
-        return logits, factor, float(rec.detach())
+        return logits, z.detach(), float(rec.detach())
 
     def _learn(self, i: int, x: Tensor, y: Tensor, src_logits: Tensor, src_factor: Tensor) -> float:
         net, hooks, head, opt = self.nets[i], self.hooks[i], self.heads[i], self.opts[i]
