@@ -176,3 +176,94 @@ def test_bad_inputs():
         MetaDistil(student, teacher, opt, opt, alpha=1.5)
     with pytest.raises(ValueError, match="meta_every"):
         MetaDistil(student, teacher, opt, opt, meta_every=0)
+
+
+def test_teacher_frozen_for_the_first_fraction_of_steps():
+    student, teacher = _mlp(4, 6, 3), _mlp(4, 6, 3)
+    x, y = _batch(8, 4, 3)
+    t0 = [p.detach().clone() for p in teacher.parameters()]
+    md = MetaDistil(student, teacher, torch.optim.SGD(student.parameters(), lr=0.1),
+                    torch.optim.SGD(teacher.parameters(), lr=0.1), teacher_frozen_fraction=0.625,
+                    total_steps=8)
+    assert md.first_meta_step == 5
+    quiz = [md.step(x, y, x, y)["quiz_loss"] for _ in range(5)]
+    assert all(q != q for q in quiz)  # NaN: no meta update yet
+    assert all(torch.equal(p, a) for p, a in zip(teacher.parameters(), t0))
+    q = md.step(x, y, x, y)["quiz_loss"]
+    assert q == q  # the sixth call (index 5) is the first meta update
+    assert not all(torch.equal(p, a) for p, a in zip(teacher.parameters(), t0))
+    with pytest.raises(ValueError, match="total_steps"):
+        MetaDistil(student, teacher, torch.optim.SGD(student.parameters(), lr=0.1),
+                   torch.optim.SGD(teacher.parameters(), lr=0.1), teacher_frozen_fraction=0.5)
+    with pytest.raises(ValueError, match="teacher_frozen_fraction"):
+        MetaDistil(student, teacher, torch.optim.SGD(student.parameters(), lr=0.1),
+                   torch.optim.SGD(teacher.parameters(), lr=0.1), teacher_frozen_fraction=1.5,
+                   total_steps=4)
+
+
+def test_pilot_lr_follows_the_student_schedule():
+    student, teacher = _mlp(4, 6, 3), _mlp(4, 6, 3)
+    x, y = _batch(8, 4, 3)
+    xq, yq = _batch(4, 4, 3)
+    s_opt = torch.optim.SGD(student.parameters(), lr=0.4, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(s_opt, T_max=4)
+    lr_t = 0.2
+    md = MetaDistil(student, teacher, s_opt, torch.optim.SGD(teacher.parameters(), lr=lr_t),
+                    teacher_clip=None)
+    for _ in range(2):
+        md.step(x, y, xq, yq)
+        sched.step()
+    lr_now = s_opt.param_groups[0]["lr"]
+    assert lr_now < 0.4 and md.pilot_lr == pytest.approx(lr_now)
+    t_before = {k: p.detach().clone() for k, p in teacher.named_parameters()}
+    grads, _ = meta_gradient(copy.deepcopy(student), teacher, x, y, xq, yq, pilot_lr=lr_now)
+    md.step(x, y, xq, yq)
+    for k, p in teacher.named_parameters():
+        torch.testing.assert_close(p.detach(), t_before[k] - lr_t * grads[k])
+    fixed = MetaDistil(student, teacher, s_opt, torch.optim.SGD(teacher.parameters(), lr=lr_t),
+                       pilot_lr=0.05)
+    assert fixed.pilot_lr == 0.05
+
+
+def test_repro_claims_are_decided_by_the_paired_interval():
+    from kdengine.repro.metadistil import ARMS, FASHION, _claims
+
+    gain = {"ce": 0.0, "kd": 0.02, "kd_heldout": 0.015, "md": 0.016}
+    noise = [0.001, -0.002, 0.0, 0.002, -0.001]
+    rows = [{"dataset": FASHION, "method": ARMS[a], "seed": s, "test_acc": 0.8 + g + noise[(s + k) % 5]}
+            for k, (a, g) in enumerate(gain.items()) for s in range(5)]
+    lines = _claims(rows)
+    assert lines[0].startswith(f"{FASHION}: MetaDistil gives a better student than vanilla KD")
+    assert "CONTRADICTED" in lines[0]
+    assert "NOT REPRODUCED" in lines[1]         # +0.1 point inside the seed noise
+    assert "REPRODUCED" in lines[2] and "NOT" not in lines[2] and "CONTRADICTED" not in lines[2]
+    assert "REPRODUCED" in lines[3] and "premise" in lines[3]
+
+
+def test_repro_entry_defaults_to_five_seeds():
+    from kdengine import repro
+
+    e = repro.registry()["metadistil"]
+    assert e.seeds == (0, 1, 2, 3, 4) and e.quick_minutes <= 1 and e.minutes <= 10 and e.threads == 1
+
+
+@pytest.mark.slow
+def test_repro_quick_entry_writes_paired_results(tmp_path):
+    import json
+
+    from kdengine import repro
+
+    assert repro.main(["metadistil", "--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "metadistil.json").read_text())
+    assert res["seeds"] == [0, 1, 2, 3, 4] and res["tuning"] and res["departures"]
+    seeds = {}
+    for r in res["rows"]:
+        seeds.setdefault(r["method"], set()).add(r["seed"])
+    assert seeds == {m: {0, 1, 2, 3, 4} for m in
+                     ("CE (student alone)", "KD (vanilla)", "KD, quiz held out", "MetaDistil")}
+    md_rows = [r for r in res["rows"] if r["method"] == "MetaDistil"]
+    # the teacher is frozen for the first 62.5 % of the steps: the rest are meta steps
+    assert all(0 < r["meta_steps"] < 0.4 * 3 * 15 for r in md_rows)
+    md = (tmp_path / "metadistil.md").read_text()
+    assert "against KD (vanilla)" in md and "QUICK run" in md and "REPRODUCED" in md
+    assert "Tuned (and on what)" in md and "Departures from the paper" in md

@@ -16,14 +16,20 @@ inner gradient differentiable (the functorch equivalent of ``autograd.grad(creat
 The KD term uses :func:`kdengine.kd_loss` with the pure-torch ``"reference"`` backend, because the
 fused backends' backward is a saved first-order gradient and cannot be differentiated again.
 
-Choices the paper leaves open (made parameters): the pilot step is plain SGD with ``pilot_lr``
-(default: the student optimizer's first learning rate), whatever the real student optimizer is;
+The released schedule: the teacher is left as pre-trained for the first ``teacher_frozen_fraction``
+of the ``total_steps`` rounds (plain KD; the released code uses 0.625), then meta-updated every
+``meta_every`` rounds; the pilot step follows the student optimizer's learning rate at each round,
+so it decays with the student's schedule.
+
+Choices the paper leaves open (made parameters): the pilot step is plain SGD (no momentum) with the
+student's current learning rate (or a fixed ``pilot_lr``), whatever the real student optimizer is;
 buffers (BatchNorm running stats) are cloned for the pilot and quiz passes so the virtual step
 never touches the real statistics; the teacher's frozen parameters (``requires_grad=False``) are
 left out of the meta-gradient.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -162,10 +168,14 @@ class MetaDistil:
         student_opt, teacher_opt: optimizers over the student's / teacher's parameters.
         alpha: weight of the KD term in ``L_S`` (1 - alpha on CE).
         temperature: KD temperature.
-        pilot_lr: SGD step of the pilot update; default the student optimizer's first ``lr``.
+        pilot_lr: a fixed SGD step for the pilot update; ``None`` (default): the student
+            optimizer's first param group's ``lr`` at each round, so a scheduler decays both.
         teacher_clip: max global norm of the teacher's meta-gradient (``None``: no clipping).
         meta_every: do the meta (teacher) update every ``meta_every`` calls of :meth:`step`; the
             other calls are plain KD steps with the current teacher.
+        teacher_frozen_fraction: no meta update during the first ``teacher_frozen_fraction *
+            total_steps`` calls of :meth:`step` (rounded up); needs ``total_steps`` when > 0.
+        total_steps: the number of :meth:`step` calls of the whole training run.
 
     :meth:`step` runs one round and returns floats: ``loss`` (L_S of the real update),
     ``quiz_loss`` and ``teacher_grad_norm`` (before clipping; NaN on non-meta steps).
@@ -174,7 +184,8 @@ class MetaDistil:
     def __init__(self, student: nn.Module, teacher: nn.Module, student_opt: torch.optim.Optimizer,
                  teacher_opt: torch.optim.Optimizer, *, alpha: float = 0.5,
                  temperature: float = 4.0, pilot_lr: Optional[float] = None,
-                 teacher_clip: Optional[float] = 1.0, meta_every: int = 1) -> None:
+                 teacher_clip: Optional[float] = 1.0, meta_every: int = 1,
+                 teacher_frozen_fraction: float = 0.0, total_steps: Optional[int] = None) -> None:
         if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
             raise TypeError("student and teacher must be nn.Module instances")
         if not (0.0 <= float(alpha) <= 1.0):
@@ -185,15 +196,33 @@ class MetaDistil:
             raise ValueError(f"teacher_clip must be > 0 or None, got {teacher_clip!r}")
         if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
             raise ValueError(f"meta_every must be an int >= 1, got {meta_every!r}")
+        if not (0.0 <= float(teacher_frozen_fraction) <= 1.0):
+            raise ValueError(f"teacher_frozen_fraction must be in [0, 1], got {teacher_frozen_fraction!r}")
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps < 1):
+            raise ValueError(f"total_steps must be an int >= 1 or None, got {total_steps!r}")
+        if float(teacher_frozen_fraction) > 0 and total_steps is None:
+            raise ValueError("teacher_frozen_fraction > 0 needs total_steps")
+        if pilot_lr is not None and not (float(pilot_lr) > 0):
+            raise ValueError(f"pilot_lr must be > 0, got {pilot_lr!r}")
         self.student, self.teacher = student, teacher
         self.student_opt, self.teacher_opt = student_opt, teacher_opt
         self.alpha, self.temperature = float(alpha), float(temperature)
-        self.pilot_lr = float(student_opt.param_groups[0]["lr"] if pilot_lr is None else pilot_lr)
-        if not self.pilot_lr > 0:
-            raise ValueError(f"pilot_lr must be > 0, got {self.pilot_lr}")
+        self._fixed_pilot_lr = None if pilot_lr is None else float(pilot_lr)
         self.teacher_clip = teacher_clip
         self.meta_every = meta_every
+        self.first_meta_step = (0 if total_steps is None else
+                                math.ceil(float(teacher_frozen_fraction) * total_steps - 1e-9))
         self._calls = 0
+
+    @property
+    def pilot_lr(self) -> float:
+        """The pilot step size of the next round."""
+        if self._fixed_pilot_lr is not None:
+            return self._fixed_pilot_lr
+        lr = float(self.student_opt.param_groups[0]["lr"])
+        # a cosine schedule ends at exactly 0; the pilot step (and the meta-gradient) is then 0
+        return max(lr, 1e-12)
 
     def meta_step(self, x: Tensor, y: Tensor, x_quiz: Tensor, y_quiz: Tensor) -> tuple[float, float]:
         """Steps 1-3: meta-gradient to the teacher and one teacher optimizer step."""
@@ -225,9 +254,11 @@ class MetaDistil:
         return float(loss.detach())
 
     def step(self, x: Tensor, y: Tensor, x_quiz: Tensor, y_quiz: Tensor) -> dict[str, float]:
-        """One MetaDistil round (meta update of the teacher every ``meta_every`` calls)."""
+        """One MetaDistil round (after the frozen phase, a meta update of the teacher every
+        ``meta_every`` calls)."""
         q, norm = float("nan"), float("nan")
-        if self._calls % self.meta_every == 0:
+        k = self._calls - self.first_meta_step
+        if k >= 0 and k % self.meta_every == 0:
             q, norm = self.meta_step(x, y, x_quiz, y_quiz)
         self._calls += 1
         loss = self.student_step(x, y)
