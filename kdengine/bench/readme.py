@@ -166,7 +166,8 @@ def kd_vs_ce(d: dict) -> str:
             "same architecture, init and data order.")
 
 
-CLAIM_VERDICTS = ("NOT REPRODUCED", "REPRODUCED", "CONTRADICTED")
+# A claim note carries its verdict in words (any case): "reproduced", "not reproduced", "contradicted".
+CLAIM_VERDICTS = ("reproduced", "contradicted")
 
 
 def repro(results: Path) -> str:
@@ -175,9 +176,9 @@ def repro(results: Path) -> str:
     pending = []
     for path in sorted((results / "repro").glob("*.json")):
         d = json.loads(path.read_text())
-        claims = [n for n in d.get("notes", []) if any(v in n for v in CLAIM_VERDICTS)]
+        claims = [n for n in d.get("notes", []) if any(v in n.lower() for v in CLAIM_VERDICTS)]
         if not d.get("paired") or not claims:
-            data = str(d.get("data") or "?").split(":")[0]
+            data = str(d.get("data") or "?").split(":")[0].split(" (")[0]
             pending.append(f"`{path.stem}` ({data}, {len(d.get('seeds') or [])} seeds)")
             continue
         wall = d.get("wall_s")
