@@ -8,9 +8,18 @@ from torch import nn
 from kdengine.methods.london import (
     FeatureHooks,
     LondonLoss,
+    build_connector,
     default_pair_weights,
+    gaussian_margin,
+    geometric_layer_weights,
+    geometric_pair_weights,
     lipschitz_profile,
+    london_alpha,
     london_loss,
+    margin_from_bn,
+    margin_from_features,
+    ofd_distillation_loss,
+    ofd_london_losses,
     spectral_norm,
     transmitting_matrix,
 )
@@ -211,3 +220,98 @@ def test_bad_inputs():
     net = _cnn([2, 3], 0)
     with pytest.raises(ValueError, match="same length"):
         LondonLoss(net, net, ["1", "4"], ["1"])
+
+
+# --------------------------------------------------------------------------- OFD stack
+
+
+@pytest.mark.parametrize("spatial", [True, False])
+def test_connector_maps_student_width_to_teacher_width(spatial):
+    torch.manual_seed(0)
+    c = build_connector(4, 16, spatial=spatial)
+    x = torch.randn(8, 4, 7, 7) if spatial else torch.randn(8, 4)
+    y = c(x)
+    assert y.shape == ((8, 16, 7, 7) if spatial else (8, 16))
+    assert sum(p.numel() for p in c[0].parameters()) == 4 * 16   # no bias: BN supplies the shift
+
+
+def test_gaussian_margin_is_the_negative_part_mean():
+    torch.manual_seed(0)
+    mean, std = torch.tensor([-1.0, 0.0, 0.7]), torch.tensor([1.0, 2.0, 0.5])
+    x = mean[:, None] + std[:, None] * torch.randn(3, 400_000, dtype=torch.float64)
+    mc = torch.stack([r[r < 0].mean() for r in x])
+    assert torch.allclose(gaussian_margin(mean, std), mc, atol=0.01)
+    # a channel that is almost never negative falls back to -3 std
+    assert gaussian_margin(torch.tensor([10.0]), torch.tensor([1.0])).item() == pytest.approx(-3.0)
+    bn = nn.BatchNorm1d(3)
+    with torch.no_grad():
+        bn.bias.copy_(mean)
+        bn.weight.copy_(-std)   # the sign of gamma does not change the spread
+    assert torch.allclose(margin_from_bn(bn).double(), gaussian_margin(mean, std), atol=1e-6)
+    f = mean[None, :, None, None] + std[None, :, None, None] * torch.randn(200, 3, 20, 25)
+    assert torch.allclose(margin_from_features(f).double(), mc, atol=0.03)
+
+
+def test_ofd_loss_against_direct_loop():
+    torch.manual_seed(1)
+    s, t = torch.randn(2, 3, 2, 2, dtype=torch.float64), torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    m = torch.tensor([-0.5, -1.0, -0.2], dtype=torch.float64)
+    want = 0.0
+    for idx in torch.cartesian_prod(*[torch.arange(k) for k in s.shape]).tolist():
+        n, c, h, w = idx
+        tt = max(t[n, c, h, w].item(), m[c].item())
+        sv = s[n, c, h, w].item()
+        if sv > tt or tt > 0:
+            want += (sv - tt) ** 2
+    assert ofd_distillation_loss(s, t, m).item() == pytest.approx(want, rel=1e-12)
+    # student below a negative target: no loss, whatever the teacher's exact value
+    assert ofd_distillation_loss(torch.full((1, 1), -5.0), torch.full((1, 1), -1.0), torch.tensor([-2.0])) == 0
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: ofd_distillation_loss(a, t, m), (s,))
+    with pytest.raises(ValueError):
+        ofd_distillation_loss(s, t[:1], m)
+    with pytest.raises(ValueError):
+        ofd_distillation_loss(s, t, m[:2])
+
+
+def test_weights_and_alpha_schedule():
+    assert geometric_layer_weights(3) == [0.25, 0.5, 1.0]
+    assert geometric_pair_weights(2) == [0.25, 0.5]
+    assert [london_alpha(e, 10, 0.8) for e in (0, 5, 6, 9)] == [0.8, 0.8, pytest.approx(0.2), pytest.approx(0.2)]
+    for bad in (lambda: geometric_layer_weights(0), lambda: geometric_pair_weights(0), lambda: london_alpha(0, 0, 1)):
+        with pytest.raises(ValueError):
+            bad()
+
+
+def test_ofd_london_losses_train_student_and_connectors():
+    torch.manual_seed(2)
+    s = [torch.randn(4, 2, 8, 8, dtype=torch.float64, requires_grad=True),
+         torch.randn(4, 3, 4, 4, dtype=torch.float64, requires_grad=True),
+         torch.randn(4, 5, dtype=torch.float64, requires_grad=True)]
+    t = [torch.randn(4, 6, 8, 8, dtype=torch.float64), torch.randn(4, 7, 4, 4, dtype=torch.float64),
+         torch.randn(4, 9, dtype=torch.float64)]
+    conns = [build_connector(2, 6).double(), build_connector(3, 7).double(), build_connector(5, 9, False).double()]
+    margins = [margin_from_features(f).double() for f in t]
+    distill, lip = ofd_london_losses(s, t, conns, margins)
+    out = [c(f) for c, f in zip(conns, s)]
+    want_d = sum(w * ofd_distillation_loss(a, b, m) for w, a, b, m in zip([0.25, 0.5, 1.0], out, t, margins)) / 4
+    assert distill.item() == pytest.approx(want_d.item(), rel=1e-10)
+    assert lip.item() == pytest.approx(london_loss(out, t, [0.25, 0.5]).item(), rel=1e-10)
+    (distill + lip).backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in s)
+    assert all(p.grad is not None for c in conns for p in c.parameters())
+    with pytest.raises(ValueError):
+        ofd_london_losses(s[:1], t[:1], conns[:1], margins[:1])
+
+
+@pytest.mark.slow
+def test_repro_quick_runs(tmp_path):
+    from kdengine import repro
+
+    assert repro.main(["london", "--quick", "--out", str(tmp_path)]) == 0
+    import json
+
+    res = json.loads((tmp_path / "london.json").read_text())
+    methods = {r["method"] for r in res["rows"]}
+    assert {"CE (student alone)", "KD (vanilla)", "OFD (feature distillation)", "OFD + LONDON"} <= methods
+    assert res["tuning"] and res["departures"]

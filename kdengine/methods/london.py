@@ -29,10 +29,21 @@ default is a linear ramp ``w_i = (i + 1) / sum_j (j + 1)`` over the ``P`` pairs,
 which sums to 1. Pass ``weights=`` to choose others.
 
 Features come from forward hooks on named modules (:class:`FeatureHooks`), so any model works.
+
+The paper's stack (its released code builds on OFD, Heo et al. 2019): pre-ReLU features; the student's
+go through :func:`build_connector` (1x1 conv + BN, to the teacher's width) before both losses; the
+OFD margin loss (:func:`ofd_distillation_loss`, margins :func:`gaussian_margin` /
+:func:`margin_from_bn` / :func:`margin_from_features`); layer weights that halve per step towards the
+input (:func:`geometric_layer_weights`, :func:`geometric_pair_weights`); and the Lipschitz weight
+``alpha`` cut to a quarter for the last 40 % of the epochs (:func:`london_alpha`). Their loss is
+``CE + beta * distill / (B * 1000) + alpha(epoch) * L_london / 200`` (:func:`ofd_london_losses`
+returns the two parts).
 """
 from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +60,15 @@ __all__ = [
     "lipschitz_matching_loss",
     "london_loss",
     "LondonLoss",
+    "gaussian_margin",
+    "margin_from_bn",
+    "margin_from_features",
+    "ofd_distillation_loss",
+    "build_connector",
+    "geometric_layer_weights",
+    "geometric_pair_weights",
+    "london_alpha",
+    "ofd_london_losses",
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -367,3 +387,117 @@ class LondonLoss(nn.Module):
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+# --------------------------------------------------------------------------- OFD stack
+
+
+def gaussian_margin(mean: Tensor, std: Tensor) -> Tensor:
+    """OFD's per-channel margin: ``E[x | x < 0]`` for ``x ~ N(mean, std^2)``.
+
+    ``m - s phi(m/s) / Phi(-m/s)``; where ``Phi(-m/s) <= 0.001`` (a channel almost never negative)
+    the conditional mean is numerically unstable, so OFD falls back to ``-3 s``, as here.
+    """
+    mean = torch.as_tensor(mean, dtype=torch.float64)
+    s = torch.as_tensor(std, dtype=torch.float64).abs().clamp_min(1e-12)
+    z = mean / s
+    cdf = 0.5 * torch.erfc(z / math.sqrt(2.0))                 # Phi(-z)
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    m = mean - s * pdf / cdf.clamp_min(1e-300)
+    return torch.where(cdf > 1e-3, m, -3.0 * s)
+
+
+def margin_from_bn(bn: nn.Module) -> Tensor:
+    """Margin of the pre-ReLU output of a BatchNorm layer (``N(bias, weight^2)`` per channel)."""
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.affine:
+        raise TypeError("bn must be an affine BatchNorm layer")
+    return gaussian_margin(bn.bias.detach().double(), bn.weight.detach().double()).float()
+
+
+def margin_from_features(f: Tensor) -> Tensor:
+    """Margin from pre-ReLU features ``(N, C, ...)`` of a layer without BN: the per-channel mean and
+    std over the batch and positions stand in for the BN parameters of :func:`margin_from_bn`."""
+    f = _check_feature("f", f)
+    flat = f.detach().double().transpose(0, 1).reshape(f.shape[1], -1)
+    return gaussian_margin(flat.mean(1), flat.std(1)).float()
+
+
+def ofd_distillation_loss(source: Tensor, target: Tensor, margin: Tensor) -> Tensor:
+    """OFD's partial L2, summed over every element: ``(s - t')^2`` with ``t' = max(t, margin)``,
+    skipped where ``s <= t'`` and ``t' <= 0`` (both sides below zero: the ReLU would zero them
+    anyway, so the student need not copy how negative the teacher is).
+
+    Args:
+        source: ``(N, C, ...)`` the student's connector output.
+        target: the teacher's pre-ReLU features, same shape (detached here).
+        margin: ``(C,)`` per-channel margins (broadcast over batch and positions).
+    """
+    if source.shape != target.shape:
+        raise ValueError(f"source and target shapes differ: {tuple(source.shape)} vs {tuple(target.shape)}")
+    margin = torch.as_tensor(margin, dtype=source.dtype, device=source.device)
+    if margin.dim() != 1 or margin.numel() != source.shape[1]:
+        raise ValueError(f"margin must hold one value per channel ({source.shape[1]}), got {tuple(margin.shape)}")
+    t = torch.max(target.detach().to(source.dtype), margin.view(1, -1, *([1] * (source.dim() - 2))))
+    mask = (source > t) | (t > 0)
+    return ((source - t).pow(2) * mask).sum()
+
+
+def build_connector(student_channels: int, teacher_channels: int, spatial: bool = True) -> nn.Sequential:
+    """OFD's connector: 1x1 conv (no bias) + BN to the teacher's width, He-normal init (fan-out),
+    BN at identity; ``spatial=False`` gives Linear + BatchNorm1d for ``(N, C)`` features."""
+    if spatial:
+        lin: nn.Module = nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
+        bn: nn.Module = nn.BatchNorm2d(teacher_channels)
+    else:
+        lin = nn.Linear(student_channels, teacher_channels, bias=False)
+        bn = nn.BatchNorm1d(teacher_channels)
+    nn.init.normal_(lin.weight, 0.0, math.sqrt(2.0 / teacher_channels))
+    nn.init.ones_(bn.weight)
+    nn.init.zeros_(bn.bias)
+    return nn.Sequential(lin, bn)
+
+
+def geometric_layer_weights(n_layers: int) -> list[float]:
+    """OFD's per-layer weights ``1 / 2^(L - 1 - i)``: the deepest layer 1, halving towards the input."""
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+    return [2.0 ** -(n_layers - 1 - i) for i in range(n_layers)]
+
+
+def geometric_pair_weights(n_pairs: int) -> list[float]:
+    """The authors' Lipschitz pair weights: pair ``i`` (layers ``i, i+1`` of ``P + 1``) gets
+    ``1 / 2^(P - i)``, the deepest pair 1/2, halving towards the input."""
+    if n_pairs < 1:
+        raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
+    return [2.0 ** -(n_pairs - i) for i in range(n_pairs)]
+
+
+def london_alpha(epoch: int, epochs: int, alpha: float, switch: float = 0.6, factor: float = 0.25) -> float:
+    """The authors' schedule of the Lipschitz weight: ``alpha`` before ``switch * epochs``, then
+    ``factor * alpha`` (0-based ``epoch``)."""
+    if epochs < 1 or epoch < 0:
+        raise ValueError(f"need epochs >= 1 and epoch >= 0, got {epoch}, {epochs}")
+    return float(alpha) if epoch < switch * epochs else float(factor) * float(alpha)
+
+
+def ofd_london_losses(student_features: Sequence[Tensor], teacher_features: Sequence[Tensor],
+                      connectors: Sequence[nn.Module], margins: Sequence[Tensor],
+                      n_iter: int = 10) -> tuple[Tensor, Tensor]:
+    """``(distill, lipschitz)`` of OFD + LONDON on one batch.
+
+    The student's features pass through their connectors first; ``distill = sum_i w_i
+    ofd_distillation_loss(...) / N`` with :func:`geometric_layer_weights`, and ``lipschitz`` is
+    :func:`london_loss` between the connector outputs and the teacher's features, with
+    :func:`geometric_pair_weights`. The caller scales them (the paper: ``/ 1000`` and
+    ``alpha / 200``).
+    """
+    n = len(teacher_features)
+    if not (len(student_features) == len(connectors) == len(margins) == n) or n < 2:
+        raise ValueError("need at least 2 layers and one student feature, connector and margin per "
+                         "teacher feature")
+    s = [c(f) for c, f in zip(connectors, student_features)]
+    w = geometric_layer_weights(n)
+    batch = s[0].shape[0]
+    distill = sum(wi * ofd_distillation_loss(a, b, m) for wi, a, b, m in zip(w, s, teacher_features, margins))
+    lip = london_loss(s, teacher_features, geometric_pair_weights(n - 1), n_iter)
+    return distill / batch, lip
