@@ -220,7 +220,7 @@ def _plot(fig: Any, summ: list[dict], teacher_test: float) -> None:
 
 @register("london", "LONDON (Lipschitz matching on OFD feature distillation) vs OFD, KD and CE on "
                     "Fashion-MNIST (docs/papers.md section 4)",
-          minutes=15, quick_minutes=0.7, seeds=(0, 1, 2, 3, 4), threads=1)
+          minutes=6, quick_minutes=0.7, seeds=(0, 1, 2, 3, 4), threads=1)
 def run(args: ReproArgs) -> dict[str, Any]:
     cfg = QUICK if args.quick else FULL
     parts = fashion_split(n_val=N_VAL, split_seed=SPLIT_SEED, quick_sizes=QUICK_SIZES if args.quick else None)
