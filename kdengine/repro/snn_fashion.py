@@ -275,7 +275,7 @@ DEPARTURES = [
     "fit a 10-minute 2-core budget",
     "the binary net is fine-tuned from the trained float net, not trained from scratch",
     "SNN accuracies are on the first 300 of the 10,000 test images (the ANN is given on all 10,000 and on "
-    "the same 500; 'within 1 point' compares the SNN with its ANN on those 500)",
+    "the same 300; 'within 1 point' compares the SNN with its ANN on those 300)",
     "calibration on the first 1,000 training images",
     "in kdengine's SNN a spike crosses every layer within the step it is emitted (the layer delay is 1 step "
     "whenever the last hidden layer fires at step 1), where an event-driven simulator adds a step per layer",
