@@ -409,16 +409,19 @@ class Calibration:
 
     Attributes: ``blocks`` (parsed layers split at the ReLUs), ``activations`` (one sorted 1-d
     float32 tensor per hidden block; at most ``max_values`` values, a seeded uniform subsample
-    beyond), ``n_samples`` (calibration inputs seen), ``input_shape``.
+    beyond), ``n_samples`` (calibration inputs seen), ``input_shape``, ``positive_fraction`` and
+    ``n_values`` (per hidden block: share of positive outputs, and all outputs counted, zeros too).
     """
 
     def __init__(self, blocks: list[list[_Op]], activations: list[Tensor], n_samples: int,
-                 input_shape: tuple[int, ...], positive_fraction: list[float]) -> None:
+                 input_shape: tuple[int, ...], positive_fraction: list[float],
+                 n_values: Optional[list[int]] = None) -> None:
         self.blocks = blocks
         self.activations = activations
         self.n_samples = n_samples
         self.input_shape = input_shape
         self.positive_fraction = positive_fraction
+        self.n_values = n_values
 
     @property
     def n_hidden(self) -> int:
@@ -441,6 +444,42 @@ class Calibration:
                 lam = _nearest_rank(acts, p)
             lams.append(lam * s)
         return lams
+
+    def lambdas_with_zeros(self, percentile: float = 99.7) -> list[float]:
+        """Each hidden layer's ``percentile``-th percentile of *all* its ReLU outputs, zeros
+        included, interpolated linearly as ``numpy.percentile`` does: the calibration of Lu &
+        Sengupta's released code, which on a sparse layer lands lower than :meth:`lambdas` (the
+        zeros take up the bottom ranks). Exact while no layer was subsampled (``max_values``);
+        beyond, the positive ranks are read from the uniform subsample."""
+        p = _check_percentile(percentile)
+        if self.n_values is None:
+            raise ValueError("this Calibration has no n_values (the count of all outputs): build it "
+                             "with kdengine.snn.calibrate")
+        lams = []
+        for i, (acts, tot, frac) in enumerate(zip(self.activations, self.n_values, self.positive_fraction)):
+            n_pos = round(frac * tot)
+            pos = p / 100.0 * (tot - 1)
+            lo, hi = math.floor(pos), math.ceil(pos)
+            v_lo, v_hi = (_rank_with_zeros(acts, tot - n_pos, n_pos, r) for r in (lo, hi))
+            lam = v_lo + (pos - lo) * (v_hi - v_lo)
+            if lam <= 0.0:
+                warnings.warn(f"hidden layer {i}: the {p}th percentile with zeros is 0 (fewer than "
+                              f"{100 - p:.2g} % of its outputs are positive); using lambda = 1",
+                              stacklevel=2)
+                lam = 1.0
+            lams.append(lam)
+        return lams
+
+
+def _rank_with_zeros(acts: Tensor, n_zero: int, n_pos: int, rank: int) -> float:
+    """The ``rank``-th (0-based) smallest of ``n_zero`` zeros followed by the ``n_pos`` sorted
+    positives, of which ``acts`` holds all or a uniform subsample."""
+    if rank < n_zero:
+        return 0.0
+    k = rank - n_zero
+    if acts.numel() != n_pos:
+        k = min(acts.numel() - 1, int(k * acts.numel() / max(n_pos, 1)))
+    return float(acts[k])
 
 
 def _check_scale(s: object, name: str = "threshold_scale") -> float:
@@ -512,7 +551,7 @@ def calibrate(model: nn.Module, calibration_data: Any, *, batch_size: int = 256,
             raise ValueError("the model produced NaN activations on the calibration data")
         acts.append(torch.sort(v).values)
     frac = [p / t if t else 0.0 for p, t in zip(pos, tot)]
-    return Calibration(blocks, acts, n, shape, frac)
+    return Calibration(blocks, acts, n, shape, frac, tot)
 
 
 def _dtype_of(blocks: list[list[_Op]]) -> torch.dtype:
@@ -632,6 +671,7 @@ def convert(
     backend: Optional[str] = None,
     if_backend: Optional[str] = None,
     count_spikes: bool = False,
+    lambdas: Optional[Sequence[float]] = None,
 ) -> SpikingNetwork:
     """Convert a ReLU network (float or binary-weight) to a :class:`SpikingNetwork`.
 
@@ -653,6 +693,8 @@ def convert(
         batch_size: calibration batch size for tensor data.
         backend: backend of the binary ops (None: auto); ``if_backend``: of the IF op.
         count_spikes: make the IF layers count spikes (firing-rate statistics).
+        lambdas: one activation scale per hidden layer, used as given in place of the percentiles
+            (e.g. :meth:`Calibration.lambdas_with_zeros`); ``threshold_scale`` still multiplies them.
 
     Returns:
         :class:`SpikingNetwork` on the model's device (float32).
@@ -675,7 +717,19 @@ def convert(
         else:
             _check_percentile(percentile)
         cal = calibrate(model, calibration_data, batch_size=batch_size)
-    lams = cal.lambdas(percentile, threshold_scale)
+    if lambdas is None:
+        lams = cal.lambdas(percentile, threshold_scale)
+    else:
+        if len(lambdas) != cal.n_hidden:
+            raise ValueError(f"lambdas needs one value per hidden layer ({cal.n_hidden}), got {len(lambdas)}")
+        ss = _per_layer(threshold_scale, cal.n_hidden, "threshold_scale", _check_scale)
+        lams = []
+        for i, (lam, sc) in enumerate(zip(lambdas, ss)):
+            lam = float(lam)
+            if not (math.isfinite(lam) and lam > 0):
+                raise ValueError(f"lambdas[{i}] must be a finite number > 0, got {lam}")
+            lams.append(lam * sc)
+        percentile = "given"
     return _build(cal, lams, encoding=encoding, normalize=normalize, init_potential=ip,
                   binary=binary, seed=seed, backend=backend, if_backend=if_backend,
                   count_spikes=count_spikes, percentile=percentile, threshold_scale=threshold_scale)
