@@ -83,5 +83,6 @@ def test_repro_region_lists_claim_verdicts_and_entries_without_them(tmp_path):
     (tmp_path / "repro" / "b.json").write_text(json.dumps({
         "title": "Paper B", "seeds": [0, 1, 2], "data": "MNIST: the split", "notes": ["B beats A"]}))
     text = readme.repro(tmp_path)
-    assert f"- {claim}" in text and "**Paper A** (`kdengine repro a`; seeds 0, 1, 2, 3, 4; 2.0 min on cpuX" in text
+    head = "**Paper A** (`kdengine repro a`; seeds 0, 1, 2, 3, 4; 2.0 min on cpuX; details and 0 departures"
+    assert f"- {claim}" in text and head in text
     assert "`b` (MNIST, 3 seeds)" in text and "B beats A" not in text

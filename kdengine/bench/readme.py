@@ -184,7 +184,9 @@ def repro(results: Path) -> str:
         wall = d.get("wall_s")
         lines += [f"**{d.get('title', path.stem)}** (`kdengine repro {path.stem}`; seeds "
                   f"{', '.join(str(s) for s in d.get('seeds') or [])}; {wall / 60:.1f} min on "
-                  f"{d.get('machine', {}).get('cpu', '?')}; details in `benches/results/repro/{path.name[:-5]}.md`)",
+                  f"{d.get('machine', {}).get('cpu', '?')}; details and "
+                  f"{len(d.get('departures') or [])} departures from the paper in "
+                  f"`benches/results/repro/{path.name[:-5]}.md`)",
                   ""]
         lines += [f"- {c}" for c in claims] + [""]
     if pending:
