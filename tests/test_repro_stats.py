@@ -135,3 +135,18 @@ def test_write_results_reports_paired_differences_tuning_and_departures(tmp_path
     payload = json.loads((tmp_path / "x.json").read_text())
     assert payload["paired"][0]["mean"] == pytest.approx(2.0) and payload["departures"] == ["5 seeds, not 3"]
     assert set(res["paths"]) == {"json", "md"}
+
+
+def test_claim_notes_verdict_words():
+    from kdengine.repro.stats import claim_notes
+
+    rows = [{"dataset": "d", "method": m, "seed": s, "test_acc": 0.8 + 0.01 * s + g}
+            for s in range(4) for m, g in (("ce", 0.0), ("up", 0.02), ("down", -0.02),
+                                           ("flat", 0.01 if s % 2 else -0.01))]
+    out = claim_notes(rows, [("up beats ce", "up", "ce"), ("down beats ce", "down", "ce"),
+                             ("flat beats ce", "flat", "ce")], label="D")
+    assert out[0].startswith("D: up beats ce: REPRODUCED: up - ce on test_acc = +2.00 points, 95 % CI [")
+    assert out[1].startswith("D: down beats ce: CONTRADICTED (worse)")
+    assert out[2].startswith("D: flat beats ce: NOT REPRODUCED (interval includes 0)")
+    one = claim_notes([r for r in rows if r["seed"] == 0], [("up beats ce", "up", "ce")], label="D")
+    assert one == ["D: up beats ce: no interval (fewer than 2 seeds)"]

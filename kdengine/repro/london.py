@@ -35,7 +35,7 @@ from kdengine.models import small_cnn
 from kdengine.repro import ReproArgs, register
 from kdengine.repro.common import (_paired_table, fashion_note, fashion_split, fit_recipe, kd_backend, mean_std,
                                    predict_logits, summarize, train_model, write_results)
-from kdengine.repro.stats import paired_comparisons
+from kdengine.repro.stats import claim_notes, paired_comparisons
 from kdengine.train import CrossEntropyTerm, FunctionTerm, KDTerm
 
 # small_cnn: 0 conv1, 1 relu, 2 pool, 3 conv2, 4 relu, 5 pool, 6 flatten, 7 fc, 8 relu, 9 logits
@@ -155,10 +155,6 @@ def _train_student(arm: str, seed: int, train, test, teacher, t_logits, margins,
 
 
 def _claims(rows: list) -> list[str]:
-    by = {}
-    for base in (ARMS["ofd"], ARMS["kd"], ARMS["ce"]):
-        for c in paired_comparisons(rows, baseline=base, metric="test_acc", within=("dataset",)):
-            by[(c["method"], base)] = c
     claims = [
         ("adding the Lipschitz term to feature distillation improves the student (OFD + LONDON > OFD)",
          ARMS["london"], ARMS["ofd"]),
@@ -167,17 +163,7 @@ def _claims(rows: list) -> list[str]:
          ARMS["ce"]),
         ("OFD + LONDON improves on the student alone", ARMS["london"], ARMS["ce"]),
     ]
-    out = []
-    for text, m, b in claims:
-        c = by.get((m, b))
-        if c is None or c["ci_low"] is None:
-            out.append(f"{FASHION}: {text}: no interval (fewer than 2 seeds)")
-            continue
-        span = f"{c['mean']:+.2f} points, 95 % CI [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
-        verdict = ("REPRODUCED" if c["ci_low"] > 0 else
-                   "CONTRADICTED (worse)" if c["ci_high"] < 0 else "NOT REPRODUCED (interval includes 0)")
-        out.append(f"{FASHION}: {text}: {verdict}: {m} - {b} on test_acc = {span}")
-    return out
+    return claim_notes(rows, claims, label=FASHION)
 
 
 DEPARTURES = [

@@ -44,7 +44,7 @@ from kdengine.models import mlp
 from kdengine.repro import ReproArgs, register
 from kdengine.repro.common import (_paired_table, fashion_note, fashion_split, kd_backend, mean_std, predict_logits,
                                    train_model, write_results)
-from kdengine.repro.stats import paired_comparisons
+from kdengine.repro.stats import claim_notes, paired_comparisons
 from kdengine.train import CrossEntropyTerm, KDTerm, evaluate
 from kdengine.train.distiller import global_batches
 
@@ -147,10 +147,6 @@ def _tune(parts: dict, teacher: torch.nn.Module, t_logits_s: torch.Tensor, tr_id
 
 def _claims(rows: list[dict]) -> list[str]:
     """One line per claim, decided by the paired 95 % interval (seeds) on test accuracy."""
-    by = {}
-    for base in (ARMS["ce"], ARMS["kd"], ARMS["kd_heldout"]):
-        for c in paired_comparisons(rows, baseline=base, metric="test_acc", within=("dataset",)):
-            by[(c["method"], base)] = c
     claims = [
         ("MetaDistil gives a better student than vanilla KD with a fixed teacher", ARMS["md"], ARMS["kd"]),
         ("the meta updates themselves help (MetaDistil vs the same loop, data and batches with the "
@@ -158,18 +154,7 @@ def _claims(rows: list[dict]) -> list[str]:
         ("MetaDistil gives a better student than training alone", ARMS["md"], ARMS["ce"]),
         ("vanilla KD improves on the student alone (the premise)", ARMS["kd"], ARMS["ce"]),
     ]
-    out = []
-    for text, m, b in claims:
-        c = by.get((m, b))
-        if c is None or c["ci_low"] is None:
-            out.append(f"{FASHION}: {text}: no interval (fewer than 2 seeds)")
-            continue
-        lo, hi = c["ci_low"], c["ci_high"]
-        verdict = {(True, False): "REPRODUCED", (False, True): "CONTRADICTED (worse)"}.get(
-            (lo > 0, hi < 0), "NOT REPRODUCED (interval includes 0)")
-        out.append(f"{FASHION}: {text}: {verdict}: {m} - {b} on test_acc = {c['mean']:+.2f} points, "
-                   f"95 % CI [{lo:+.2f}, {hi:+.2f}]")
-    return out
+    return claim_notes(rows, claims, label=FASHION)
 
 
 @register("metadistil", "MetaDistil (meta-learned teacher, released schedule) vs vanilla KD on Fashion-MNIST "

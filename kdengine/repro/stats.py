@@ -17,8 +17,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional, Sequence
 
-__all__ = ["PairedDifference", "paired_difference", "paired_comparisons", "student_t_quantile",
-           "student_t_cdf"]
+__all__ = ["PairedDifference", "paired_difference", "paired_comparisons", "claim_notes",
+           "student_t_quantile", "student_t_cdf"]
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -210,4 +210,27 @@ def paired_comparisons(rows: Sequence[Mapping[str, Any]], *, baseline: str, metr
             d.update({**dict(zip(within, g)), method_key: name, "baseline": baseline, "metric": metric,
                       "note": f"{head}{name}: {verdict}"})
             out.append(d)
+    return out
+
+
+def claim_notes(rows: Sequence[Mapping[str, Any]], claims: Sequence[tuple[str, str, str]], *, label: str,
+                metric: str = "test_acc", within: Sequence[str] = ("dataset",)) -> list[str]:
+    """One line per paper claim ``(text, method, baseline)`` that ``method`` beats ``baseline``:
+    REPRODUCED when the paired 95 % interval of method - baseline lies above 0, CONTRADICTED (worse)
+    when it lies below, NOT REPRODUCED when it includes 0 (the README generator reads these words)."""
+    by: dict[tuple[Any, str], dict[str, Any]] = {}
+    for base in dict.fromkeys(b for _, _, b in claims):
+        for c in paired_comparisons(rows, baseline=base, metric=metric, within=within):
+            by[(c["method"], base)] = c
+    out = []
+    for text, m, b in claims:
+        c = by.get((m, b))
+        if c is None or c["ci_low"] is None:
+            out.append(f"{label}: {text}: no interval (fewer than 2 seeds)")
+            continue
+        lo, hi = c["ci_low"], c["ci_high"]
+        verdict = ("REPRODUCED" if lo > 0 else "CONTRADICTED (worse)" if hi < 0
+                   else "NOT REPRODUCED (interval includes 0)")
+        out.append(f"{label}: {text}: {verdict}: {m} - {b} on {metric} = {c['mean']:+.2f} points, "
+                   f"95 % CI [{lo:+.2f}, {hi:+.2f}]")
     return out
