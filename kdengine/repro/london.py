@@ -41,7 +41,10 @@ from kdengine.train import CrossEntropyTerm, FunctionTerm, KDTerm
 # small_cnn: 0 conv1, 1 relu, 2 pool, 3 conv2, 4 relu, 5 pool, 6 flatten, 7 fc, 8 relu, 9 logits
 LAYERS = ["0", "3", "7"]
 TEACHER = dict(channels=(16, 32), hidden=128)
-STUDENT = dict(channels=(4, 8), hidden=32)
+# A 4-channel student died at chance under the OFD term on seeds 2 and 3, at any learning rate or
+# distillation weight tried (likely: behind the 1x1 conv + BN connector, a dead, constant feature
+# map is the cheapest way to meet the margin loss); with 8 channels seed 2 trains (82.8 %).
+STUDENT = dict(channels=(8, 16), hidden=64)
 TEACHER_SEED = 1000
 N_VAL, SPLIT_SEED = 5000, 0
 ARMS = {"ce": "CE (student alone)", "kd": "KD (vanilla)", "ofd": "OFD (feature distillation)",
@@ -49,7 +52,7 @@ ARMS = {"ce": "CE (student alone)", "kd": "KD (vanilla)", "ofd": "OFD (feature d
 # teacher / teacher_epochs / teacher_lr: the MNIST teacher recipe that kdengine.repro.iekd takes from
 # here (with train_teacher); this entry's own teacher uses fashion_teacher_epochs.
 FULL = dict(teacher=TEACHER, teacher_epochs=5, teacher_lr=2e-3, fashion_teacher_epochs=2, student_epochs=4,
-            lr=0.05, batch_size=128, temperature=4.0,
+            lr=0.02, batch_size=128, temperature=4.0,
             alpha_grid=(0.08, 0.8), tune_seeds=(100,), n_iter=10)
 QUICK = dict(FULL, fashion_teacher_epochs=1, student_epochs=2, alpha_grid=(0.8,))
 QUICK_SIZES = (2000, 1500, 500, 1000)   # teacher_train, student_train, val, test
@@ -168,7 +171,7 @@ def _claims(rows: list) -> list[str]:
 
 DEPARTURES = [
     "dataset: Fashion-MNIST (28 x 28 grey, 10 classes); the paper uses CIFAR-100 and ImageNet",
-    "models: teacher CNN conv16-conv32-fc128 (2 epochs on teacher_train), student CNN conv4-conv8-fc32 "
+    "models: teacher CNN conv16-conv32-fc128 (2 epochs on teacher_train), student CNN conv8-conv16-fc64 "
     "(4 epochs on a fixed 10k subset); the paper distils ResNets / WideResNets over 200 epochs",
     "taps: three pre-ReLU features (conv1, conv2, hidden fc) instead of the last pre-ReLU feature of "
     "each residual stage",
@@ -176,9 +179,10 @@ DEPARTURES = [
     "std of the teacher's pre-ReLU features on the student's training images in place of BN's "
     "weight and bias (same Gaussian formula)",
     "the teacher stays in eval mode during distillation (the authors' code leaves it in train mode)",
-    "optimiser: SGD momentum 0.9, lr 0.05, cosine per epoch, no weight decay, batch 128 (the paper: SGD "
+    "optimiser: SGD momentum 0.9, lr 0.02, cosine per epoch, no weight decay, batch 128 (the paper: SGD "
     "nesterov 0.1 with step decays at 1/2 and 3/4, weight decay 5e-4, augmentation); the student "
-    "recipe is not tuned",
+    "recipe is not tuned on val: at lr 0.05 the KD student (0.5 CE + 0.5 T^2 KL, T = 4) died at "
+    "chance on one seed, so every arm uses 0.02",
     "tuning: only the Lipschitz weight alpha, over a 2-point grid on one tuning seed (val accuracy); "
     "OFD's beta is the authors' 1 (with their / 1000), KD keeps 0.5 CE + 0.5 KD at T = 4 untuned",
     "Lipschitz estimate: power iteration without gradient, then sigma = u^T TM v with gradient "
@@ -206,7 +210,7 @@ def _plot(fig: Any, summ: list[dict], teacher_test: float) -> None:
 
 @register("london", "LONDON (Lipschitz matching on OFD feature distillation) vs OFD, KD and CE on "
                     "Fashion-MNIST (docs/papers.md section 4)",
-          minutes=6, quick_minutes=0.7, seeds=(0, 1, 2, 3, 4), threads=1)
+          minutes=8, quick_minutes=0.7, seeds=(0, 1, 2, 3, 4), threads=1)
 def run(args: ReproArgs) -> dict[str, Any]:
     cfg = QUICK if args.quick else FULL
     parts = fashion_split(n_val=N_VAL, split_seed=SPLIT_SEED, quick_sizes=QUICK_SIZES if args.quick else None)
