@@ -351,7 +351,7 @@ def write_results(
         from kdengine.repro.stats import paired_comparisons
 
         comparisons = paired_comparisons(rows, **paired)
-        md += [_paired_table(comparisons, paired), ""]
+        md += [_render_paired(comparisons, paired), ""]
         notes = [c["note"] for c in comparisons] + list(notes)
     for heading, lines in (("Tuned (and on what)", tuning), ("Departures from the paper", departures)):
         if lines:
@@ -394,7 +394,15 @@ def write_results(
     return {"summary": summary, "table": table, "paths": paths}
 
 
-def _paired_table(comparisons: Sequence[Mapping[str, Any]], paired: Mapping[str, Any]) -> str:
+def paired_table(rows: Sequence[Mapping[str, Any]], paired: Mapping[str, Any]) -> str:
+    """Markdown table of every method against ``paired["baseline"]``, paired by seed
+    (``paired``: the keyword arguments of :func:`kdengine.repro.stats.paired_comparisons`)."""
+    from kdengine.repro.stats import paired_comparisons
+
+    return _render_paired(paired_comparisons(rows, **paired), paired)
+
+
+def _render_paired(comparisons: Sequence[Mapping[str, Any]], paired: Mapping[str, Any]) -> str:
     within = list(paired.get("within", ()))
     method_key = paired.get("method_key", "method")
     unit = paired.get("unit", " points").strip()

@@ -33,9 +33,9 @@ from kdengine.methods.london import (FeatureHooks, build_connector, geometric_la
                                      london_alpha, margin_from_features, ofd_distillation_loss, ofd_london_losses)
 from kdengine.models import small_cnn
 from kdengine.repro import ReproArgs, register
-from kdengine.repro.common import (_paired_table, fashion_note, fashion_split, fit_recipe, kd_backend, mean_std,
+from kdengine.repro.common import (paired_table, fashion_note, fashion_split, fit_recipe, kd_backend, mean_std,
                                    predict_logits, summarize, train_model, write_results)
-from kdengine.repro.stats import claim_notes, paired_comparisons
+from kdengine.repro.stats import claim_notes
 from kdengine.train import CrossEntropyTerm, FunctionTerm, KDTerm
 
 # small_cnn: 0 conv1, 1 relu, 2 pool, 3 conv2, 4 relu, 5 pool, 6 flatten, 7 fc, 8 relu, 9 logits
@@ -254,7 +254,7 @@ def run(args: ReproArgs) -> dict[str, Any]:
              {"baseline": ARMS["ce"], "metric": "test_acc", "within": ("dataset",)}]
     lines = []
     for spec in specs:
-        lines += [_paired_table(paired_comparisons(rows, **spec), spec), ""]
+        lines += [paired_table(rows, spec), ""]
     lines.append("Lipschitz-profile mismatch on test (the LONDON loss with its pair weights, connector outputs "
                  "vs the teacher's stage outputs; mean ± std over seeds), a check that the term moves what it "
                  "targets: " + "; ".join(f"{k}: {mean_std(v)[0]:.4g} ± {mean_std(v)[1]:.3g}"

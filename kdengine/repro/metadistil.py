@@ -42,9 +42,9 @@ import torch
 from kdengine.methods.metadistil import MetaDistil, quiz_split
 from kdengine.models import mlp
 from kdengine.repro import ReproArgs, register
-from kdengine.repro.common import (_paired_table, fashion_note, fashion_split, kd_backend, mean_std, predict_logits,
+from kdengine.repro.common import (paired_table, fashion_note, fashion_split, kd_backend, mean_std, predict_logits,
                                    train_model, write_results)
-from kdengine.repro.stats import claim_notes, paired_comparisons
+from kdengine.repro.stats import claim_notes
 from kdengine.train import CrossEntropyTerm, KDTerm, evaluate
 from kdengine.train.distiller import global_batches
 
@@ -220,7 +220,7 @@ def run(args: ReproArgs) -> dict[str, Any]:
     lines = []
     for base in (ARMS["kd"], ARMS["kd_heldout"]):
         spec = {"baseline": base, "metric": "test_acc", "within": ("dataset",)}
-        lines += [_paired_table(paired_comparisons(rows, **spec), spec), ""]
+        lines += [paired_table(rows, spec), ""]
     lines.append(f"Reference: teacher test accuracy {teacher_test * 100:.2f} %, val {t_r['test_acc'] * 100:.2f} %")
     tuning = [
         f"T in {list(GRID_T)} x a in {list(GRID_ALPHA)} for vanilla KD on val ({int(parts['val'][1].numel())} "

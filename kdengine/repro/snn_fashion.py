@@ -40,8 +40,8 @@ from kdengine.nn import binarize_model
 from kdengine.repro import ReproArgs, register
 from kdengine.repro.snn_mnist import _acc
 from kdengine.repro.snn_mnist import _first_within as first_within
-from kdengine.repro.common import _paired_table, fashion_note, fashion_split, fit_adam_steps, write_results
-from kdengine.repro.stats import paired_comparisons, paired_difference
+from kdengine.repro.common import paired_table, fashion_note, fashion_split, fit_adam_steps, write_results
+from kdengine.repro.stats import paired_difference
 from kdengine.snn import calibrate, convert, run_snn, search_scaling, tune_early_exit
 
 __all__ = ["entry", "first_within", "output_delay", "T_GRID"]
@@ -206,11 +206,11 @@ def _paired_md(rows: list[dict], t_max: int) -> str:
     snn = [r for r in rows if r["method"] in (REL, OURS)]
     for t in (t for t in T_GRID if t <= t_max):
         spec = {"baseline": REL, "metric": f"acc_T{t}", "within": ("model",)}
-        out += [f"T = {t}:", "", _paired_table(paired_comparisons(snn, **spec), spec), ""]
+        out += [f"T = {t}:", "", paired_table(snn, spec), ""]
     spec = {"baseline": "float", "metric": "test_acc", "method_key": "model"}
     ann = [r for r in rows if r["method"] == ANN]
     out += ["### Partially binary vs float ANN (full 10k test), paired by seed", "",
-            _paired_table(paired_comparisons(ann, **spec), spec), ""]
+            paired_table(ann, spec), ""]
     return "\n".join(out)
 
 

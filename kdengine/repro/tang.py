@@ -45,7 +45,7 @@ from kdengine.data.synthetic import gaussian_mixture
 from kdengine.methods import tang as TG
 from kdengine.models import mlp, small_cnn
 from kdengine.repro import ReproArgs, register
-from kdengine.repro.common import (_paired_table, fashion_note, fashion_split, kd_backend, mean_std,
+from kdengine.repro.common import (paired_table, fashion_note, fashion_split, kd_backend, mean_std,
                                    predict_logits, summarize, train_model, write_results)
 from kdengine.repro.stats import paired_comparisons
 from kdengine.train import CrossEntropyTerm
@@ -248,7 +248,7 @@ def _group_md(fm: dict[str, Any]) -> list[str]:
                  "class-similarity targets favour: " + "; ".join(f"{c} -> {n}" for c, n in fm["nearest"].items()))
     for base in (VARIANT_LABELS["ce"], VARIANT_LABELS["kd"]):
         spec = {"baseline": base, "metric": "group_acc", "within": ("dataset",)}
-        lines += ["", _paired_table(paired_comparisons(g, **spec), spec)]
+        lines += ["", paired_table(g, spec)]
     return lines
 
 
@@ -347,7 +347,7 @@ def run(args: ReproArgs) -> dict[str, Any]:
     if args.quick:
         notes.append("QUICK run (small data, few epochs): not for reporting")
     kd_spec = {"baseline": VARIANT_LABELS["kd"], "metric": "test_acc", "within": ("dataset",)}
-    lines = [_paired_table(paired_comparisons(student_rows, **kd_spec), kd_spec), ""]
+    lines = [paired_table(student_rows, kd_spec), ""]
     lines += _group_md(fm) + [""] + _diag_md(diag) + [""]
     ref = summarize([r for r in rows if "reference" in r["method"]], ("dataset", "method"), ("test_acc",))
     lines.append("References: " + "; ".join(
