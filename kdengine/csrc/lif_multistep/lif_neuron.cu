@@ -183,6 +183,46 @@ void check_params(const at::Tensor& params, at::ScalarType acc, const char* op) 
               op, ": params must be a contiguous (3,) CUDA ", acc, " tensor [leak, v_threshold, r]");
 }
 
+template <typename scalar_t, typename acc_t, bool kHard>
+void launch_fwd(bool save_h, dim3 grid, cudaStream_t stream, const scalar_t* x, const acc_t* v0,
+                const acc_t* p, scalar_t* s, acc_t* v, acc_t* h, int64_t T, int64_t N,
+                bool decay_input, bool divide) {
+  if (save_h)
+    lif_fwd_kernel<scalar_t, acc_t, kHard, true><<<grid, kThreads, 0, stream>>>(
+        x, v0, p, s, v, h, T, N, decay_input, divide);
+  else
+    lif_fwd_kernel<scalar_t, acc_t, kHard, false><<<grid, kThreads, 0, stream>>>(
+        x, v0, p, s, v, h, T, N, decay_input, divide);
+}
+
+template <typename scalar_t, typename acc_t>
+struct BwdArgs {
+  const acc_t* h;
+  const scalar_t* gs;
+  const acc_t* gv;
+  const scalar_t* x;
+  const acc_t* v0;
+  const acc_t* p;
+  scalar_t* gx;
+  acc_t* gv0;
+  acc_t* gp;
+  int64_t T, N;
+  bool decay_input, divide, param_grads;
+  acc_t alpha, k_atan, half_alpha;
+};
+
+template <bool kHard, int64_t kSur, typename scalar_t, typename acc_t>
+void launch_bwd(bool detach, dim3 grid, cudaStream_t stream, const BwdArgs<scalar_t, acc_t>& a) {
+  if (detach)
+    lif_bwd_kernel<scalar_t, acc_t, kHard, kSur, true><<<grid, kThreads, 0, stream>>>(
+        a.h, a.gs, a.gv, a.x, a.v0, a.p, a.gx, a.gv0, a.gp, a.T, a.N, a.decay_input, a.divide,
+        a.param_grads, a.alpha, a.k_atan, a.half_alpha);
+  else
+    lif_bwd_kernel<scalar_t, acc_t, kHard, kSur, false><<<grid, kThreads, 0, stream>>>(
+        a.h, a.gs, a.gv, a.x, a.v0, a.p, a.gx, a.gv0, a.gp, a.T, a.N, a.decay_input, a.divide,
+        a.param_grads, a.alpha, a.k_atan, a.half_alpha);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_fwd_cuda(
     const at::Tensor& x, const c10::optional<at::Tensor>& v_init, const at::Tensor& params,
     bool hard_reset, bool decay_input, bool divide, bool save_h) {
@@ -212,15 +252,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_fwd_cuda(
     const acc_t* pp = params.data_ptr<acc_t>();
     scalar_t* sp = spikes.data_ptr<scalar_t>();
     acc_t* vo = v_out.data_ptr<acc_t>();
-#define KD_LIF_FWD(HARD, SAVE)                                                          \
-  lif_fwd_kernel<scalar_t, acc_t, HARD, SAVE><<<grid, kThreads, 0, stream>>>(           \
-      xp, vp, pp, sp, vo, hp, T, N, decay_input, divide)
-    if (hard_reset) {
-      if (save_h) KD_LIF_FWD(true, true); else KD_LIF_FWD(true, false);
-    } else {
-      if (save_h) KD_LIF_FWD(false, true); else KD_LIF_FWD(false, false);
-    }
-#undef KD_LIF_FWD
+    if (hard_reset)
+      launch_fwd<scalar_t, acc_t, true>(save_h, grid, stream, xp, vp, pp, sp, vo, hp, T, N, decay_input, divide);
+    else
+      launch_fwd<scalar_t, acc_t, false>(save_h, grid, stream, xp, vp, pp, sp, vo, hp, T, N, decay_input, divide);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {spikes, v_out, h};
@@ -278,18 +313,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_bwd_cuda(
           scalar_t* gxp = gx.data_ptr<scalar_t>();
           acc_t* gv0p = gv0.data_ptr<acc_t>();
           acc_t* gpp = param_grads ? gp.data_ptr<acc_t>() : nullptr;
-#define KD_LIF_BWD(HARD, SUR, DETACH)                                                      \
-  lif_bwd_kernel<scalar_t, acc_t, HARD, SUR, DETACH><<<grid, kThreads, 0, stream>>>(       \
-      hp, gsp, gvp, xp, vp, pp, gxp, gv0p, gpp, T, N, decay_input, divide, param_grads, a, k, ha)
-#define KD_LIF_BWD_D(HARD, SUR) \
-  if (detach_reset) KD_LIF_BWD(HARD, SUR, true); else KD_LIF_BWD(HARD, SUR, false)
+          const BwdArgs<scalar_t, acc_t> args{hp, gsp, gvp, xp, vp, pp, gxp, gv0p, gpp, T, N,
+                                              decay_input, divide, param_grads, a, k, ha};
           if (hard_reset) {
-            if (surrogate == kSurAtan) { KD_LIF_BWD_D(true, kSurAtan); } else { KD_LIF_BWD_D(true, kSurSigmoid); }
+            if (surrogate == kSurAtan)
+              launch_bwd<true, kSurAtan>(detach_reset, grid, stream, args);
+            else
+              launch_bwd<true, kSurSigmoid>(detach_reset, grid, stream, args);
           } else {
-            if (surrogate == kSurAtan) { KD_LIF_BWD_D(false, kSurAtan); } else { KD_LIF_BWD_D(false, kSurSigmoid); }
+            if (surrogate == kSurAtan)
+              launch_bwd<false, kSurAtan>(detach_reset, grid, stream, args);
+            else
+              launch_bwd<false, kSurSigmoid>(detach_reset, grid, stream, args);
           }
-#undef KD_LIF_BWD_D
-#undef KD_LIF_BWD
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
   }
