@@ -20,6 +20,7 @@ _MODULES = (
     "kdengine.ops.kd_loss.schema",
     "kdengine.ops.binary.schema",
     "kdengine.ops.if_multistep.schema",
+    "kdengine.ops.lif_multistep.schema",
     "kdengine.llm.topk_schema",
 )
 _LOCK = threading.Lock()

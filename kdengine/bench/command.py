@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="small shapes (about a minute without the llm suite) instead of the full ones")
     p.add_argument("--suite", action="append", choices=list(SUITES), metavar="{" + ",".join(SUITES) + "}",
                    help="a suite to run; repeat for several (default: all). kd: KD loss; binary: XNOR/AND "
-                   "popcount ops; spiking: multi-step IF neuron; infer: batch-1 packed-model latency; "
+                   "popcount ops; spiking: multi-step IF, LIF and parametric LIF neurons; infer: batch-1 "
+                   "packed-model latency; "
                    "llm: fused linear + KD at LLM-head sizes (slow)")
     p.add_argument("--no-compile", action="store_true",
                    help="skip the torch.compile baselines (they compile on first use)")
@@ -81,7 +82,7 @@ def run_suites(suites: list[str], quick: bool, with_compile: bool, say=None) -> 
             say(f"suite {name}: start")
         t0 = time.perf_counter()
         run = getattr(mod, f"run_{name}_bench")
-        kw = {"with_compile": with_compile} if name in ("kd", "llm") else {}
+        kw = {"with_compile": with_compile} if name in ("kd", "llm", "spiking") else {}
         suite_rows = run(quick=quick, **kw)
         rows += suite_rows
         notes += mod.notes(suite_rows)

@@ -47,7 +47,8 @@ def bench_cpu(results: Path) -> str:
     d = json.loads((results / "bench_cpu.json").read_text())
     rows = d["rows"]
     # the row's suite name -> the command's --suite name
-    cli = {"kd_loss": "kd", "binary": "binary", "if_multistep": "spiking", "infer": "infer", "llm": "llm"}
+    cli = {"kd_loss": "kd", "binary": "binary", "if_multistep": "spiking", "lif_multistep": "spiking",
+           "infer": "infer", "llm": "llm"}
     suites = [name for key, name in cli.items() if any(r.get("suite") == key for r in rows)]
     command = "kdengine bench" + "".join(f" --suite {name}" for name in suites)
     lines = [_source("bench_cpu.json"), "",

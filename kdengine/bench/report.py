@@ -32,13 +32,14 @@ def _is_ours(impl: str) -> bool:
     return impl.startswith("kdengine")
 
 
-_OP = {"kd_loss": "KD loss", "if_multistep": "IF neuron", "infer": "batch-1 latency", "llm": "LLM-head KD"}
+_OP = {"kd_loss": "KD loss", "if_multistep": "IF neuron", "lif_multistep": "LIF neuron",
+       "infer": "batch-1 latency", "llm": "LLM-head KD"}
 
 
 def _case(r: dict) -> str:
     """The case inside its suite's section, short: pass and shape (op and shape for binary)."""
     suite = r.get("suite", "")
-    if suite in ("kd_loss", "if_multistep"):
+    if suite in ("kd_loss", "if_multistep", "lif_multistep"):
         return f"{r['case']} {r['shape']}"
     if suite == "binary":
         return f"{r['op']} {r['shape']}" + ("" if r.get("backend") == "cpu" else f" [{r['backend']}]")
@@ -107,6 +108,7 @@ def _clip(text: str, width: int) -> str:
 _SECTION = {"kd_loss": "KD loss, fp32, T=2, forward + backward, median wall time",
             "binary": "binary ops vs the same op in fp32 torch, median wall time",
             "if_multistep": "multi-step IF neuron, fp32, median wall time",
+            "lif_multistep": "multi-step LIF / parametric LIF neuron, fp32, median wall time",
             "infer": "batch-1 inference latency, p50 (p99 in the JSON)",
             "llm": "LLM-head KD (student head + KD loss), fp32, forward + backward"}
 

@@ -148,10 +148,13 @@ def _fwd_bwd(fn, x, gs):
 
 
 def run_spiking_bench(quick: bool = False, shape: tuple[int, int] | None = None,
-                      repeat: int | None = None, with_spikingjelly: bool = True) -> list[dict]:
+                      repeat: int | None = None, with_spikingjelly: bool = True,
+                      with_compile: bool = True, with_lif: bool = True) -> list[dict]:
     """Rows ``{suite, case, shape, dtype, impl, median_s, min_s, repeat, kdengine_speedup,
     effective_GBps, copy_GBps, copy_fraction}``, one per (case, implementation), CPU, fp32; the
-    kdengine forward row adds ``clone_fraction``, and a ``floor: x.clone()`` row follows it."""
+    kdengine forward row adds ``clone_fraction``, and a ``floor: x.clone()`` row follows it.
+    ``with_lif``: the LIF / parametric LIF rows of :mod:`kdengine.bench.spiking_lif` follow
+    (``with_compile``: with their torch.compile baseline)."""
     import kdengine.ops.if_multistep  # noqa: F401  (registers the backends before resolving)
     from kdengine import _dispatch
 
@@ -207,6 +210,11 @@ def run_spiking_bench(quick: bool = False, shape: tuple[int, int] | None = None,
         for row in case_rows:
             row["kdengine_speedup"] = row["median_s"] / t_ours
         rows += case_rows
+    if with_lif:
+        from kdengine.bench.spiking_lif import run_lif_bench
+
+        rows += run_lif_bench(quick=quick, shape=shape, repeat=repeat, with_compile=with_compile,
+                              with_spikingjelly=with_spikingjelly)
     return rows
 
 
@@ -225,7 +233,9 @@ def notes(rows: list[dict]) -> list[str]:
         if "clone_fraction" in ours:
             lines.append(f"IF {case} {ours['shape']}: x.clone() (same bytes, same fresh-output "
                          f"allocation) takes {ours['clone_fraction']:.2f}x kdengine's time")
-    return lines
+    from kdengine.bench.spiking_lif import notes as lif_notes
+
+    return lines + lif_notes(rows)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,6 +2,8 @@
 
 * :mod:`kdengine.snn.layers` — :class:`IFNeuron`, :class:`MultiStep`, :class:`CumulativeMaxPool2d`,
   :class:`IntegrateOutput` (all on ``(T, B, ...)`` tensors, state carried between calls).
+* :mod:`kdengine.snn.lif` — :class:`LIFNeuron`, :class:`ParametricLIFNeuron` (leaky neurons,
+  learned time constant / threshold) on :func:`kdengine.ops.lif_multistep`.
 * :mod:`kdengine.snn.binary` — :class:`SpikingBinaryLinear` / :class:`SpikingBinaryConv2d`:
   spikes x binary weights on the packed AND-popcount kernel.
 * :mod:`kdengine.snn.convert` — :func:`convert` (float or binary-weight ReLU nets -> SNN),
@@ -19,6 +21,7 @@ from kdengine.snn.convert import (
     convert,
     fold_batchnorm,
 )
+from kdengine.snn.lif import LIFNeuron, ParametricLIFNeuron
 from kdengine.snn.latency import ScalingSearch, search_scaling, tune_early_exit
 from kdengine.snn import layers as _layers
 from kdengine.snn.layers import *  # noqa: F401,F403 - the names of layers.__all__
@@ -26,6 +29,8 @@ from kdengine.snn.run import EarlyExit, SNNRun, run_snn, simulate_early_exit
 
 __all__ = [
     *_layers.__all__,
+    "LIFNeuron",
+    "ParametricLIFNeuron",
     "SpikingBinaryLinear",
     "SpikingBinaryConv2d",
     "convert",

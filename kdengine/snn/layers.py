@@ -167,8 +167,26 @@ class IFNeuron(Stateful):
             return self.v
         if self.init_potential == 0.0:
             return None  # the op's resting potential (v_reset for a hard reset, else 0)
-        return torch.full(x.shape[1:], self.init_potential * self.v_threshold, dtype=x.dtype,
+        return torch.full(x.shape[1:], self.init_potential * self._threshold_value(), dtype=x.dtype,
                           device=x.device)
+
+    def _threshold_value(self) -> float:
+        """The current threshold as a number (subclasses with a learned threshold read it)."""
+        return self.v_threshold
+
+    def _fire(self, x: Tensor, v0: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(spikes, v_final)`` of the neurons on ``x`` ``(T, ...)`` from ``v0`` (None: rest)."""
+        return if_multistep(
+            x,
+            self.v_threshold,
+            self.v_reset,
+            v_init=v0,
+            return_v=True,
+            surrogate=self.surrogate,
+            alpha=self.alpha,
+            detach_reset=self.detach_reset,
+            backend=self.backend,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         x = _check_seq(x)
@@ -183,17 +201,7 @@ class IFNeuron(Stateful):
             x = x.permute(0, 1, 3, 4, 2)
             if v0 is not None:
                 v0 = v0.permute(0, 2, 3, 1)
-        s, v = if_multistep(
-            x,
-            self.v_threshold,
-            self.v_reset,
-            v_init=v0,
-            return_v=True,
-            surrogate=self.surrogate,
-            alpha=self.alpha,
-            detach_reset=self.detach_reset,
-            backend=self.backend,
-        )
+        s, v = self._fire(x, v0)
         if cl:
             s, v = s.permute(0, 1, 4, 2, 3), v.permute(0, 3, 1, 2)
         self.v = v

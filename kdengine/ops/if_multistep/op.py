@@ -362,6 +362,62 @@ def _check_v_init(v_init: object, x: Tensor) -> Tensor:
     return v_init
 
 
+def check_threshold_reset(v_threshold: object, v_reset: object, sd: torch.dtype,
+                          x_dtype: torch.dtype) -> tuple[float, bool, float]:
+    """``(theta, hard_reset, v_reset or 0.0)`` from the user's threshold and reset, checked: theta
+    finite and > 0, v_reset None or finite and below theta, both also in the state dtype ``sd``
+    (ValueError otherwise, so every backend sees the same neuron)."""
+    thr = real_number("v_threshold", v_threshold)
+    if not (math.isfinite(thr) and thr > 0):
+        raise ValueError(f"v_threshold must be finite and > 0, got {thr}")
+    # in float32 state: a normal float32 magnitude is neither inf nor 0 there (fast path)
+    f32_ok = sd is torch.float32 and _F32_TINY <= thr <= _F32_MAX
+    thr_s = thr if f32_ok else _in_state_dtype("v_threshold", thr, sd, x_dtype)
+    if thr_s == 0.0:
+        raise ValueError(
+            f"v_threshold={thr} rounds to 0 in {dtype_name(sd)}, the membrane-potential dtype "
+            f"for {dtype_name(x_dtype)} x; it must be > 0 there (smallest {dtype_name(sd)} > 0: "
+            f"{torch.finfo(sd).smallest_normal * torch.finfo(sd).eps})"
+        )
+    hard = v_reset is not None
+    reset = 0.0
+    if hard:
+        reset = real_number("v_reset", v_reset)
+        if not math.isfinite(reset):
+            raise ValueError(f"v_reset must be finite or None, got {reset}")
+        if reset >= thr:
+            raise ValueError(
+                f"v_reset must be below v_threshold (a reset at or above threshold fires forever), "
+                f"got v_reset={reset} >= v_threshold={thr}"
+            )
+        if (sd is torch.float32 and (not f32_ok or abs(reset) > _F32_MAX
+                                     or thr - reset <= thr * 2.0**-22)
+                and _in_state_dtype("v_reset", reset, sd, x_dtype)
+                >= _in_state_dtype("v_threshold", thr, sd, x_dtype)):
+            raise ValueError(
+                f"v_reset must be below v_threshold in {dtype_name(sd)} (the membrane-potential "
+                f"dtype for {dtype_name(x_dtype)} x), but v_reset={reset} and v_threshold={thr} "
+                f"round to the same value there (a reset at threshold fires forever)"
+            )
+    return thr, hard, reset
+
+
+def check_surrogate(surrogate: object, alpha: object) -> tuple[str, float]:
+    """``(surrogate name, alpha)``: a known name (case-insensitive) and alpha finite and > 0
+    (default: the surrogate's)."""
+    if not isinstance(surrogate, str):
+        raise TypeError(
+            f"surrogate must be a str, one of {SURROGATES}, got {type(surrogate).__name__}"
+        )
+    sur = surrogate.lower()
+    if sur not in SURROGATE_IDS:
+        raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
+    a = DEFAULT_ALPHA[sur] if alpha is None else real_number("alpha", alpha)
+    if not (math.isfinite(a) and a > 0):
+        raise ValueError(f"alpha must be finite and > 0, got {a}")
+    return sur, a
+
+
 _functorch_level = torch._C._functorch.maybe_current_level  # None outside torch.func transforms
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
@@ -430,48 +486,8 @@ def if_multistep(
     """
     x = _check_x(x)
     sd = state_dtype(x.dtype)
-    thr = real_number("v_threshold", v_threshold)
-    if not (math.isfinite(thr) and thr > 0):
-        raise ValueError(f"v_threshold must be finite and > 0, got {thr}")
-    # in float32 state: a normal float32 magnitude is neither inf nor 0 there (fast path)
-    f32_ok = sd is torch.float32 and _F32_TINY <= thr <= _F32_MAX
-    thr_s = thr if f32_ok else _in_state_dtype("v_threshold", thr, sd, x.dtype)
-    if thr_s == 0.0:
-        raise ValueError(
-            f"v_threshold={thr} rounds to 0 in {dtype_name(sd)}, the membrane-potential dtype "
-            f"for {dtype_name(x.dtype)} x; it must be > 0 there (smallest {dtype_name(sd)} > 0: "
-            f"{torch.finfo(sd).smallest_normal * torch.finfo(sd).eps})"
-        )
-    hard = v_reset is not None
-    reset = 0.0
-    if hard:
-        reset = real_number("v_reset", v_reset)
-        if not math.isfinite(reset):
-            raise ValueError(f"v_reset must be finite or None, got {reset}")
-        if reset >= thr:
-            raise ValueError(
-                f"v_reset must be below v_threshold (a reset at or above threshold fires forever), "
-                f"got v_reset={reset} >= v_threshold={thr}"
-            )
-        if (sd is torch.float32 and (not f32_ok or abs(reset) > _F32_MAX
-                                     or thr - reset <= thr * 2.0**-22)
-                and _in_state_dtype("v_reset", reset, sd, x.dtype)
-                >= _in_state_dtype("v_threshold", thr, sd, x.dtype)):
-            raise ValueError(
-                f"v_reset must be below v_threshold in {dtype_name(sd)} (the membrane-potential "
-                f"dtype for {dtype_name(x.dtype)} x), but v_reset={reset} and v_threshold={thr} "
-                f"round to the same value there (a reset at threshold fires forever)"
-            )
-    if not isinstance(surrogate, str):
-        raise TypeError(
-            f"surrogate must be a str, one of {SURROGATES}, got {type(surrogate).__name__}"
-        )
-    sur = surrogate.lower()
-    if sur not in SURROGATE_IDS:
-        raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
-    a = DEFAULT_ALPHA[sur] if alpha is None else real_number("alpha", alpha)
-    if not (math.isfinite(a) and a > 0):
-        raise ValueError(f"alpha must be finite and > 0, got {a}")
+    thr, hard, reset = check_threshold_reset(v_threshold, v_reset, sd, x.dtype)
+    sur, a = check_surrogate(surrogate, alpha)
     flag("detach_reset", detach_reset)
     flag("return_v", return_v)
     if v_init is not None:
