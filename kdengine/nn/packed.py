@@ -243,7 +243,7 @@ class PackedBinaryLinear(PackedLayerBase):
         ``out_dtype``: the float dtype the output would have (default x's; float32 for packed x).
         """
         x = _check_float_input(self, x)
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
+        if len(x.shape) < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
         k, n = self.in_features, self.out_features
         lead = tuple(x.shape[:-1])
@@ -444,7 +444,8 @@ class PackedBinaryConv2d(PackedLayerBase):
             else:
                 impl = _dispatch.implementation("binary_conv2d", backend)
                 run = lambda x: impl(x, bits, geo, sc, bi)  # noqa: E731
-            kind = f"binary conv ({backend} kernel)"
+            kind = f"binary conv ({backend} kernel)" + (", thresholded to packed channel words"
+                                                         if packed_output else "")
         else:
             # Weight repacking and border correction once. A float output is handed on as a
             # channels-last view (no transpose copy): the pooling / BN that follow run faster on
@@ -459,8 +460,8 @@ class PackedBinaryConv2d(PackedLayerBase):
             else:
                 run = lambda x: plan.run(x, sc, bi, channels_last_out=True, out_dtype=odt)  # noqa: E731
                 kind = "binary conv, xnor-popcount GEMM (weights repacked once)"
-            if isinstance(x, PackedSigns):
-                kind += ", packed input"
+        if isinstance(x, PackedSigns):
+            kind += ", packed input"
         if isinstance(x, Tensor):
             run = inference_only(run, name)
         return LayerPlan(run, (b, oh, ow, o) if packed_output else out_shape, kind, precomputed_bytes=pre)
