@@ -34,8 +34,17 @@ def _oracle(x, w_bits, case, scale, bias):
     return (dot * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)).to(x.dtype)
 
 
-@pytest.mark.parametrize("backend", backend_params("binary_conv2d"))
-@pytest.mark.parametrize("case", CASES)
+def _params() -> list:
+    """backend x case; the interpreter runs one GEMM per group, so triton with many groups is slow."""
+    out = []
+    for p in backend_params("binary_conv2d"):
+        for i, case in enumerate(CASES):
+            slow = [pytest.mark.slow] if p.values[0] == "triton" and case[2] > 4 else []
+            out.append(pytest.param(p.values[0], case, marks=[*p.marks, *slow], id=f"{p.id}-case{i}"))
+    return out
+
+
+@pytest.mark.parametrize("backend,case", _params())
 def test_grouped_conv_backends(seed, backend, case):
     c, o, g, h, wd, k, s, p, d = case
     kh, kw = (k, k) if isinstance(k, int) else k

@@ -238,7 +238,7 @@ def _net() -> nn.Sequential:
     ).eval()
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=pytest.mark.slow)])
 def test_runtime_packed_chain_equals_float_forward(seed, backend):
     """A small binary conv net: the runtime chains every XNOR conv packed-to-packed (BN, hardtanh,
     dropout folded into thresholds, max-pools on words), and its output equals the float forward
