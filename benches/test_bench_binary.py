@@ -1,7 +1,9 @@
 """Binary ops on CPU, grouped so pytest-benchmark prints kdengine next to its torch baseline
 (same run, same shapes): XNOR GEMM 1024 x 1024 x 4096 vs fp32 matmul (KDENGINE_BENCH_QUICK=1:
 512 x 512 x 4096) and a batch-1 4096 -> 4096 binary linear (activation packing included) vs
-nn.Linear fp32. The roofline summary is `python -m kdengine.bench.binary`."""
+nn.Linear fp32; a binary conv block with thresholded packed output vs the same conv with a float
+round trip (count -> float -> sign -> pack); max-pool on packed words vs fp32 max_pool2d. The
+roofline summary is `python -m kdengine.bench.binary`."""
 import pytest
 import torch
 
@@ -53,3 +55,38 @@ def test_linear_batch1(benchmark, impl):
             with torch.no_grad():
                 return lin(x)
     benchmark.pedantic(run, rounds=20, iterations=5, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("impl", ["kdengine_packed_out", "float_round_trip"])
+def test_conv_block_packed_output(benchmark, impl):
+    from kdengine.ops.binary import ConvGeometry, ConvPlan, pack_channels, sign_thresholds
+
+    g = torch.Generator().manual_seed(0)
+    b, c, hw, o = (2, 64, 14, 64) if QUICK else (8, 128, 14, 128)
+    xp = pack_channels(torch.randn(b, c, hw, hw, generator=g))
+    w = pack_signs(torch.randn(o, c * 9, generator=g)).bits
+    scale, bias = torch.randn(o, generator=g), torch.randn(o, generator=g)
+    plan = ConvPlan(w, ConvGeometry(b, c, hw, hw, (3, 3), (1, 1), (1, 1), (1, 1)), "cpu")
+    benchmark.group = f"binary conv block {b}x{c}x{hw}x{hw}->{o} k3 p1, packed words in and out"
+    if impl == "kdengine_packed_out":
+        table, flip = plan.signs_table(sign_thresholds(scale, bias, c * 9))
+        run = lambda: plan.run_signs(xp, table, flip)  # noqa: E731
+    else:
+        run = lambda: pack_channels(plan.run(xp, scale, bias, channels_last_out=True), backend="cpu")  # noqa: E731
+    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["kdengine_words", "torch_fp32"])
+def test_maxpool_words(benchmark, impl):
+    from kdengine.ops.binary import binary_max_pool2d, pack_channels
+
+    g = torch.Generator().manual_seed(0)
+    b, c, hw = (4, 64, 28) if QUICK else (16, 128, 28)
+    x = torch.randn(b, c, hw, hw, generator=g)
+    benchmark.group = f"max-pool 2x2 {b}x{c}x{hw}x{hw}: packed words vs fp32"
+    if impl == "kdengine_words":
+        words = pack_channels(x)
+        run = lambda: binary_max_pool2d(words, 2, backend="cpu")  # noqa: E731
+    else:
+        run = lambda: torch.nn.functional.max_pool2d(x, 2)  # noqa: E731
+    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)

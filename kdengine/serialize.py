@@ -56,7 +56,7 @@ import json
 import os
 import struct
 from collections import OrderedDict
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -180,8 +180,11 @@ _V_DTYPE = _v_choice(*_FLOAT_DTYPES)
 
 
 class _Spec:
-    def __init__(self, cls, schema: dict, get: Callable[[nn.Module], dict], build: Callable[[dict], nn.Module]):
+    def __init__(self, cls, schema: dict, get: Callable[[nn.Module], dict], build: Callable[[dict], nn.Module],
+                 defaults: Optional[dict] = None):
+        # defaults: config keys added after files were written without them (absent = default)
         self.cls, self.schema, self.get, self.build = cls, schema, get, build
+        self.defaults = defaults or {}
 
 
 def _bn_build(cls):
@@ -244,13 +247,16 @@ _SPECS: dict[str, _Spec] = {
         PackedBinaryConv2d,
         {"in_channels": _v_int(1), "out_channels": _v_int(1), "kernel_size": _v_pair(1),
          "stride": _v_pair(1), "padding": _v_pair(0), "dilation": _v_pair(1),
-         "mode": _v_choice(*MODES), "bias": _v_bool},
+         "mode": _v_choice(*MODES), "bias": _v_bool, "groups": _v_int(1)},
         lambda m: {"in_channels": m.in_channels, "out_channels": m.out_channels,
                    "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
-                   "dilation": m.dilation, "mode": m.mode, "bias": m.bias is not None},
+                   "dilation": m.dilation, "mode": m.mode, "bias": m.bias is not None,
+                   **({"groups": m.groups} if m.groups != 1 else {})},
         lambda c: PackedBinaryConv2d(c["in_channels"], c["out_channels"], c["kernel_size"],
                                      stride=c["stride"], padding=c["padding"],
-                                     dilation=c["dilation"], mode=c["mode"], bias=c["bias"]),
+                                     dilation=c["dilation"], mode=c["mode"], bias=c["bias"],
+                                     groups=c["groups"]),
+        defaults={"groups": 1},
     ),
     "ReLU": _Spec(nn.ReLU, {"inplace": _v_bool}, lambda m: {"inplace": m.inplace},
                   lambda c: nn.ReLU(inplace=c["inplace"])),
@@ -352,6 +358,7 @@ def _build(node: Any, where: str) -> nn.Module:
     cfg = node.get("config")
     if not isinstance(cfg, dict):
         raise ValueError(f"manifest layer {label!r} ({kind}): 'config' must be an object")
+    cfg = {**spec.defaults, **cfg}
     missing = set(spec.schema) - set(cfg)
     extra = set(cfg) - set(spec.schema)
     if missing or extra:

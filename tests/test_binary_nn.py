@@ -183,8 +183,9 @@ def test_binarize_model_clips_latent_weights():
 
 
 def test_binarize_model_errors():
-    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3))
-    with pytest.raises(ValueError, match="'1'.*groups"):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                          nn.Conv2d(4, 4, 3))
+    with pytest.raises(ValueError, match="'1'.*padding_mode"):
         binarize_model(model)
     assert isinstance(binarize_model(model, keep_first_last=False, exclude=["1"])[0], BinaryConv2d)
     with pytest.raises(ValueError, match="mode"):
@@ -405,7 +406,7 @@ def test_packed_forward_gradients(seed):
 def test_constructor_argument_orders_follow_torch():
     """Every linear layer takes (in_features, out_features, bias, ...) and every conv
     (in_channels, out_channels, kernel_size, stride, padding, dilation, bias, ...): torch's order
-    (nn.Conv2d has groups before bias; these layers have no groups)."""
+    (nn.Conv2d has groups before bias; these layers take groups as their last argument)."""
     import inspect
 
     from kdengine.snn import SpikingBinaryConv2d, SpikingBinaryLinear

@@ -9,6 +9,12 @@ CPU rows:
 * ``binary_linear`` at batch 1, 4096 -> 4096, activation packing included, vs ``F.linear`` fp32
   (``nn.Linear``): memory-bound, the packed weights are 32x fewer bytes.
 * ``binary_conv2d`` (3x3, padding 1) vs ``F.conv2d`` fp32.
+* ``binary_conv2d_packed_out``: a binary conv block between two binary layers (packed channel
+  words in, 3x3 padding 1, per-channel scale and bias), output thresholded straight from the counts
+  to packed words, vs the same conv plan with the float round trip (count -> float * scale + bias
+  -> sign -> pack).
+* ``binary_max_pool2d``: 2x2 max-pool on packed channel words (AND) vs ``F.max_pool2d`` fp32 on
+  the float activations of the same shape.
 
 Roofline. ``popcount_roofline_gmacs`` = threads x clock x 256 binary MACs per clock, i.e. one
 256-bit XOR + popcount + accumulate per clock per core. ``lut_bound_gmacs``
@@ -168,7 +174,57 @@ def _cpu_rows(quick: bool, repeat: int) -> list[dict]:
                      ours, base, float(bsz * hw * hw * o * c * 9),
                      seconds_1t_cpu=_cpu_seconds_1t(conv, repeat),
                      baseline_seconds_1t_cpu=_cpu_seconds_1t(tconv, repeat)))
+    return rows + _packed_rows(g, quick, repeat)
+
+
+def _packed_rows(g: torch.Generator, quick: bool, repeat: int) -> list[dict]:
+    """Packed-to-packed conv block vs its float round trip, and max-pool on words vs fp32."""
+    from kdengine.ops.binary import (
+        ConvGeometry,
+        ConvPlan,
+        binary_max_pool2d,
+        pack_channels,
+        pack_signs,
+        sign_thresholds,
+    )
+
+    rows = []
+    bsz, c, hw, o = (2, 64, 14, 64) if quick else (8, 128, 14, 128)
+    xp = pack_channels(torch.randn(bsz, c, hw, hw, generator=g))
+    wcp = pack_signs(torch.randn(o, c * 9, generator=g)).bits
+    scale, bias = torch.randn(o, generator=g), torch.randn(o, generator=g)
+    geo = ConvGeometry(bsz, c, hw, hw, kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+    plan = ConvPlan(wcp, geo, "cpu")
+    table, flip = plan.signs_table(sign_thresholds(scale, bias, c * 9))
+
+    def packed_out():
+        return plan.run_signs(xp, table, flip)
+
+    def float_round_trip():
+        y = plan.run(xp, scale, bias, channels_last_out=True)
+        return pack_channels(y, backend="cpu").bits
+
+    assert torch.equal(packed_out(), float_round_trip())  # same bits, the tests do the full job
+    progress(f"binary conv block {bsz}x{c}x{hw}x{hw}->{o}, packed in: thresholded out vs float round trip")
+    ours, base = time_fn(packed_out, repeat=repeat), time_fn(float_round_trip, repeat=repeat)
+    rows.append(_row("binary_conv2d_packed_out", f"{bsz}x{c}x{hw}x{hw}->{o} k3 p1", "cpu",
+                     "same conv, count -> float -> sign -> pack", ours, base, float(bsz * hw * hw * o * c * 9),
+                     seconds_1t_cpu=_cpu_seconds_1t(packed_out, repeat),
+                     baseline_seconds_1t_cpu=_cpu_seconds_1t(float_round_trip, repeat)))
+
+    bsz, c, hw = (4, 64, 28) if quick else (16, 128, 28)
+    xf = torch.randn(bsz, c, hw, hw, generator=g)
+    words = pack_channels(xf)
+    pool = lambda: binary_max_pool2d(words, 2, backend="cpu")  # noqa: E731
+    fpool = lambda: F.max_pool2d(xf, 2)  # noqa: E731
+    progress(f"binary max-pool 2x2 {bsz}x{c}x{hw}x{hw}: on words vs fp32")
+    ours, base = time_fn(pool, repeat=max(repeat, 20)), time_fn(fpool, repeat=max(repeat, 20))
+    rows.append(_row("binary_max_pool2d", f"{bsz}x{c}x{hw}x{hw} k2 s2", "cpu", "torch max_pool2d fp32",
+                     ours, base, float(bsz * c * (hw // 2) ** 2 * 4),
+                     seconds_1t_cpu=_cpu_seconds_1t(pool, 20),
+                     baseline_seconds_1t_cpu=_cpu_seconds_1t(fpool, 20)))
     return rows
+
 
 
 def _gpu_rows(quick: bool, repeat: int) -> list[dict]:

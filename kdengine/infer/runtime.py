@@ -25,6 +25,12 @@ that depends only on the weights and the input shape is done once, when the plan
 * ``nn.Flatten`` is a view; ``nn.Identity`` and ``nn.Dropout`` (eval) are dropped from the plan;
 * ``nn.BatchNorm*`` (eval, running statistics) calls ``F.batch_norm`` with its tensors captured.
 
+Packed-to-packed chains (:mod:`kdengine.infer.chain`): an XNOR layer whose output reaches another
+XNOR layer only through batch norms, hardtanh / ReLU, identities and at most one max-pool hands
+on packed channel words: its counts are thresholded straight to bits (the batch norms etc.
+folded into per-channel integer thresholds, bisected on those very modules), the max-pool ANDs
+words, and the next layer's im2col reads the words. No float activation exists between them.
+
 What still allocates per call: the binary kernels' outputs (helper ops have no ``out=``
 argument; for conv also the im2col words), ``nn.Conv2d``, pooling and batch norm outputs. A plan's
 preallocated bytes are reported by :meth:`InferenceModel.plan_summary`.
@@ -59,8 +65,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdengine import _dispatch
+from kdengine.infer.chain import find_links, post_ops
 from kdengine.nn.packed import PackedBinaryConv2d, PackedBinaryLinear
 from kdengine.nn.plan import PlannedModule
+from kdengine.nn.pool import word_pool_plan
 
 __all__ = ["InferenceModel", "LatencyStats", "load", "MAX_PLANS"]
 
@@ -239,12 +247,46 @@ class _Plan:
         return x
 
 
+def _chained_step(idx: int, m: nn.Module, x, links: dict, leaves: list, float_dtype: torch.dtype) -> _Built:
+    """The step of a leaf in a packed-to-packed chain (:mod:`kdengine.infer.chain`)."""
+    link = links.get(("producer", idx))
+    if link is not None:
+        post = post_ops([leaves[j] for j in link.post], isinstance(m, PackedBinaryConv2d))
+        plan = m.inference_plan(x, out_buffer=True, packed_output=True, post=post, out_dtype=float_dtype)
+    elif ("pool", idx) in links:
+        plan = word_pool_plan(x, m.kernel_size, m.stride, m.padding, m.dilation,
+                              leaves[links[("pool", idx)].producer].backend)
+    else:  # a consumer, reading packed signs
+        plan = m.inference_plan(x, out_buffer=True, out_dtype=float_dtype)
+    return _Built(plan.run, plan.run(x), True, plan.kind, plan.prealloc_bytes, plan.precomputed_bytes)
+
+
 def _build_plan(module: nn.Module, x: Tensor) -> tuple[_Plan, Tensor]:
     plan = _Plan()
     owned = False  # the caller's tensor is never modified in place
-    for name, m in _leaves(module):
+    named = _leaves(module)
+    leaves = [m for _, m in named]
+    links: dict = {}
+    for link in find_links(leaves):
+        links[("producer", link.producer)] = link
+        links[("consumer", link.consumer)] = link
+        if link.pool is not None:
+            links[("pool", link.pool)] = link
+        for j in link.folded:
+            links[("folded", j)] = link
+    float_dtype = x.dtype
+    for idx, (name, m) in enumerate(named):
+        if ("folded", idx) in links:
+            producer = named[links[("folded", idx)].producer][0]
+            plan.summary.append({"layer": name, "type": type(m).__name__,
+                                 "step": f"folded into the thresholds of {producer!r}",
+                                 "out_shape": tuple(x.shape), "prealloc_bytes": 0, "precomputed_bytes": 0})
+            continue
         try:
-            built = _make_step(m, x, owned)
+            if any((role, idx) in links for role in ("producer", "pool", "consumer")):
+                built = _chained_step(idx, m, x, links, leaves, float_dtype)
+            else:
+                built = _make_step(m, x, owned)
         except ValueError as exc:
             raise ValueError(f"layer {name!r} ({type(m).__name__}): {exc}") from None
         except (RuntimeError, TypeError, IndexError) as exc:
@@ -260,6 +302,8 @@ def _build_plan(module: nn.Module, x: Tensor) -> tuple[_Plan, Tensor]:
         plan.prealloc_bytes += built.prealloc
         plan.precomputed_bytes += built.precomputed
         x, owned = built.y, built.owned
+        if isinstance(x, Tensor) and x.is_floating_point():
+            float_dtype = x.dtype
     return plan, x
 
 

@@ -8,6 +8,7 @@
   :class:`PackedBinaryConv2d` (1-bit weights, run by the XNOR-popcount ops); save and load it with
   :func:`kdengine.serialize.save_packed` / :func:`kdengine.serialize.load_packed`. Their ``forward``
   and :mod:`kdengine.infer` run the same :class:`LayerPlan` (``layer.inference_plan(x)``, :mod:`kdengine.nn.plan`).
+* :class:`BinaryMaxPool2d` — max-pool on floats or on packed channel words (AND of the words).
 * ``IFNeuron``, ``MultiStep``, ``IntegrateOutput``: the spiking layers of :mod:`kdengine.snn.layers`.
 """
 from kdengine.nn import binary as _binary
@@ -19,6 +20,7 @@ from kdengine.nn.packed import (
     state_nbytes,
 )
 from kdengine.nn.plan import LayerPlan
+from kdengine.nn.pool import BinaryMaxPool2d
 
 # The multi-step spiking layers live in kdengine.snn, which builds on this package: they are
 # resolved on first access, so importing kdengine.nn never imports kdengine.snn (no import cycle).
@@ -40,5 +42,6 @@ __all__ = [
     "pack_model",
     "state_nbytes",
     "LayerPlan",
+    "BinaryMaxPool2d",
     *_SPIKING,
 ]

@@ -136,13 +136,26 @@ def _init_conv(m: nn.Module, in_channels: int, out_channels: int, kernel_size: P
     m.kernel_size, m.stride, m.padding, m.dilation = geo
 
 
+def _check_groups(groups: object, in_channels: int, out_channels: int) -> int:
+    """``groups`` as an int >= 1 dividing both channel counts."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+        )
+    return groups
+
+
 def _linear_repr(m: nn.Module) -> str:
     return f"in_features={m.in_features}, out_features={m.out_features}, bias={m.bias is not None}"
 
 
 def _conv_repr(m: nn.Module) -> str:
+    groups = getattr(m, "groups", 1)
     return (f"{m.in_channels}, {m.out_channels}, kernel_size={m.kernel_size}, stride={m.stride}, "
-            f"padding={m.padding}, dilation={m.dilation}, bias={m.bias is not None}")
+            f"padding={m.padding}, dilation={m.dilation}" + (f", groups={groups}" if groups != 1 else "")
+            + f", bias={m.bias is not None}")
 
 
 # --------------------------------------------------------------------------- layers
@@ -211,30 +224,30 @@ class BinaryLinear(_BinaryLayer):
 
 
 class BinaryConv2d(_BinaryLayer):
-    """2-d convolution with binary weights for training (``groups=1``, zero padding).
+    """2-d convolution with binary weights for training (zero padding, optional groups).
 
-    ``y = conv2d(a, sign(W)) * alpha[o] + bias[o]`` with ``a = x`` (``mode="weights"``) or
+    ``y = conv2d(a, sign(W), groups) * alpha[o] + bias[o]`` with ``a = x`` (``mode="weights"``) or
     ``a = sign(x)`` (``mode="both"``; padded positions are 0 after the sign, i.e. they contribute
-    nothing). ``x``: ``(N, C, H, W)``; ``weight``: latent ``(O, C, kh, kw)``; ``alpha = mean|W|``
-    over ``(C, kh, kw)``.
+    nothing). ``x``: ``(N, C, H, W)``; ``weight``: latent ``(O, C/groups, kh, kw)``;
+    ``alpha = mean|W|`` over ``(C/groups, kh, kw)``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Pair, stride: Pair = 1,
                  padding: Pair = 0, dilation: Pair = 1, bias: bool = False, mode: str = "weights",
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, groups: int = 1) -> None:
         super().__init__()
         _init_conv(self, in_channels, out_channels, kernel_size, stride, padding, dilation)
-        shape = (self.out_channels, self.in_channels, *self.kernel_size)
+        self.groups = _check_groups(groups, self.in_channels, self.out_channels)
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         self._init_params(shape, bias, mode, device, dtype)
 
     @classmethod
     def from_conv(cls, layer: nn.Conv2d, mode: str = "weights") -> "BinaryConv2d":
         """A binary conv whose latent weights (and bias) are copies of ``layer``'s.
 
-        Only ``groups=1``, ``padding_mode="zeros"`` and integer padding are supported (that is
-        what :func:`kdengine.ops.binary_conv2d` computes); anything else is a ValueError."""
-        if layer.groups != 1:
-            raise ValueError(f"only groups=1 convolutions can be binarized, got groups={layer.groups}")
+        Only ``padding_mode="zeros"`` and integer padding are supported (that is what
+        :func:`kdengine.ops.binary_conv2d` computes); anything else is a ValueError. Groups are
+        kept."""
         if layer.padding_mode != "zeros":
             raise ValueError(
                 f"only padding_mode='zeros' convolutions can be binarized, got {layer.padding_mode!r}"
@@ -245,12 +258,13 @@ class BinaryConv2d(_BinaryLayer):
                 "give the padding as numbers"
             )
         out = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                  layer.dilation, layer.bias is not None, mode, layer.weight.device, layer.weight.dtype)
+                  layer.dilation, layer.bias is not None, mode, layer.weight.device, layer.weight.dtype,
+                  groups=layer.groups)
         return out._copy_from(layer)
 
     def forward(self, x: Tensor) -> Tensor:
         a = sign_ste(x) if self.mode == "both" else x
-        y = F.conv2d(a, sign_ste(self.weight), None, self.stride, self.padding, self.dilation)
+        y = F.conv2d(a, sign_ste(self.weight), None, self.stride, self.padding, self.dilation, self.groups)
         y = y * channel_scale(self.weight).view(1, -1, 1, 1)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
@@ -298,7 +312,8 @@ def binarize_model(
     Returns:
         The binarized model; latent weights start as copies of the float weights, clipped to
         ``[-1, 1]``. Raises ValueError for a convolution the binary op cannot express
-        (``groups != 1``, non-zero padding mode, string padding): exclude it explicitly.
+        (non-zero padding mode, string padding): exclude it explicitly. Grouped and depthwise
+        convolutions are binarized with their groups.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -38,7 +38,7 @@ runs; :mod:`kdengine.nn.plan`):
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ from kdengine import _dispatch
 from kdengine.nn.binary import (
     BinaryConv2d,
     BinaryLinear,
+    _check_groups,
     _check_mode,
     Pair,
     _conv_repr,
@@ -57,7 +58,6 @@ from kdengine.nn.binary import (
     channel_scale,
 )
 from kdengine.nn.plan import (
-    ChannelWordConv,
     LayerPlan,
     PlannedModule,
     compute_dtype,
@@ -65,7 +65,9 @@ from kdengine.nn.plan import (
     nbytes,
     resolve_backend,
 )
-from kdengine.ops.binary import ConvGeometry, PackedSigns, pack_signs
+from kdengine.ops.binary import ConvGeometry, ConvPlan, PackedSigns, SignThresholds, pack_signs, sign_thresholds
+from kdengine.ops.binary.conv import check_conv_input, conv_geometry
+from kdengine.ops.binary.threshold import threshold_table
 
 __all__ = [
     "PackedBinaryLinear",
@@ -91,10 +93,16 @@ def _vec(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.detach().to(dtype).contiguous()
 
 
-def _check_float_input(m: nn.Module, x: object) -> Tensor:
-    if not isinstance(x, Tensor):
+def _check_float_input(m: nn.Module, x: object) -> Union[Tensor, PackedSigns]:
+    if isinstance(x, PackedSigns):
+        if getattr(m, "mode", None) != "both" or x.spikes:
+            raise ValueError(
+                f"{type(m).__name__} takes packed signs only in mode='both' (its input is binarized), "
+                f"got a packed {'spikes' if x.spikes else 'signs'} input in mode={getattr(m, 'mode', None)!r}"
+            )
+    elif not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
+    elif x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"input of {type(m).__name__} must be floating, got dtype {x.dtype}")
     if x.device != m.weight_bits.device:
         raise ValueError(f"weight is on {m.weight_bits.device} but x on {x.device}; expected one device")
@@ -129,13 +137,16 @@ class PackedLayerBase(PlannedModule):
 
     @classmethod
     @torch.no_grad()
-    def _from_trained(cls, layer: nn.Module, trained: type, sizes: tuple[str, ...]):
+    def _from_trained(cls, layer: nn.Module, trained: type, sizes: tuple[str, ...],
+                      keywords: tuple[str, ...] = ()):
         """The packed layer of a trained binary layer of type ``trained``: its sizes (the
-        attributes ``sizes``), bias and mode; the signs of its latent weights and its scale."""
+        attributes ``sizes``, and ``keywords`` passed by name), bias and mode; the signs of its
+        latent weights and its scale."""
         if not isinstance(layer, trained):
             raise TypeError(f"layer must be a {trained.__name__}, got {type(layer).__name__}")
         w = layer.weight.detach()
-        out = cls(*(getattr(layer, n) for n in sizes), layer.bias is not None, layer.mode, w.device)
+        out = cls(*(getattr(layer, n) for n in sizes), layer.bias is not None, layer.mode, w.device,
+                  **{n: getattr(layer, n) for n in keywords})
         # The scale is computed by the same expression as in training, so it is the same float.
         out._copy_weights(w, channel_scale(w), layer.bias)
         return out
@@ -172,8 +183,24 @@ class PackedLayerBase(PlannedModule):
         super()._load_from_state_dict(*args, **kwargs)
         self._dense_cache = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x):
         return self._forward_plan(x).run(x)
+
+    def _backend_epilogue(self, op: str, x) -> tuple[str, Optional[Tensor], Optional[Tensor], torch.dtype]:
+        """Shared plan set-up of the XNOR paths: the backend of ``op``, the padding-bit check,
+        the scale and bias in the compute dtype, and the output's float dtype for ``x``."""
+        backend = resolve_backend(op, x.device, self.backend)
+        self.packed_weight  # noqa: B018 - checks the padding bits once
+        out_dtype = x.dtype if isinstance(x, Tensor) else torch.float32
+        ct = compute_dtype(out_dtype)
+        return backend, _vec(self.scale, ct), _vec(self.bias, ct), out_dtype
+
+    def _thresholds(self, sc: Optional[Tensor], bi: Optional[Tensor], out_dtype: torch.dtype,
+                    post: Optional[Callable[[Tensor], Tensor]]) -> SignThresholds:
+        """Per output channel, the count thresholds of ``sign(post(count * scale + bias))``."""
+        return sign_thresholds(sc, bi, self.k, channels=self.weight_bits.shape[0],
+                               compute_dtype=compute_dtype(out_dtype), out_dtype=out_dtype, post=post,
+                               device=self.weight_bits.device)
 
 
 class PackedBinaryLinear(PackedLayerBase):
@@ -182,8 +209,11 @@ class PackedBinaryLinear(PackedLayerBase):
     ``a = sign(x)`` via the XNOR-popcount kernel (``mode="both"``) or ``a = x`` with a float matmul
     on the cached unpacked weights (``mode="weights"``). ``x``: ``(..., in_features)`` floating;
     ``y``: ``(..., out_features)`` float32 (``mode="both"``) or ``x``'s dtype (``"weights"``).
-    ``forward`` runs :meth:`inference_plan`.
+    ``forward`` runs :meth:`inference_plan`. With ``packed_output = True`` (``mode="both"``) it
+    returns the signs of ``y`` packed instead, and it takes packed signs as ``x`` too.
     """
+
+    packed_output: bool = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, mode: str = "weights",
                  device=None) -> None:
@@ -201,13 +231,27 @@ class PackedBinaryLinear(PackedLayerBase):
         """Pack a trained :class:`BinaryLinear` (its latent weights' signs, scale and bias)."""
         return cls._from_trained(layer, BinaryLinear, ("in_features", "out_features"))
 
-    def inference_plan(self, x: Tensor, *, out_buffer: bool = False) -> LayerPlan:
-        """The forward for ``x``'s signature (:mod:`kdengine.nn.plan`)."""
+    def inference_plan(self, x: Union[Tensor, PackedSigns], *, out_buffer: bool = False,
+                       packed_output: Optional[bool] = None, post: Optional[Callable[[Tensor], Tensor]] = None,
+                       out_dtype: Optional[torch.dtype] = None) -> LayerPlan:
+        """The forward for ``x``'s signature (:mod:`kdengine.nn.plan`).
+
+        ``x``: floats ``(..., in_features)``, or (``mode="both"``) packed signs of that logical
+        shape. ``packed_output`` (default: the attribute ``self.packed_output``): return the
+        output's signs packed (:class:`PackedSigns` ``(..., out_features)``), thresholded from the
+        counts with the float ops ``post`` (per-feature monotone, e.g. a batch norm) folded in.
+        ``out_dtype``: the float dtype the output would have (default x's; float32 for packed x).
+        """
         x = _check_float_input(self, x)
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
+        if len(x.shape) < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
         k, n = self.in_features, self.out_features
         lead = tuple(x.shape[:-1])
+        packed_output = self.packed_output if packed_output is None else packed_output
+        if self.mode == "both" and (packed_output or isinstance(x, PackedSigns)):
+            return self._packed_plan(x, lead, bool(packed_output), post, out_dtype)
+        if packed_output:
+            raise ValueError("packed_output needs mode='both' (the layer's input is binarized)")
         if self.mode == "both":
             impl = _dispatch.implementation("binary_linear", resolve_backend("binary_linear", x.device, self.backend))
             self.packed_weight  # noqa: B018 - checks the padding bits once
@@ -248,100 +292,179 @@ class PackedBinaryLinear(PackedLayerBase):
 
         return LayerPlan(run, (*lead, n), "binary-weight linear (unpacked +-1)")
 
+    def _packed_plan(self, x: Union[Tensor, PackedSigns], lead: tuple[int, ...], packed_output: bool,
+                     post: Optional[Callable[[Tensor], Tensor]], out_dtype: Optional[torch.dtype]) -> LayerPlan:
+        """Packed input and/or output: XNOR GEMM on words, then the float epilogue or thresholds."""
+        backend, _, _, odt = self._backend_epilogue("binary_linear", x)
+        odt = out_dtype or odt
+        ct = compute_dtype(odt)
+        sc, bi = _vec(self.scale, ct), _vec(self.bias, ct)
+        k, n, bits = self.in_features, self.out_features, self.weight_bits.contiguous()
+        pack = _dispatch.implementation("binary_pack", backend)
+
+        def words(x: Union[Tensor, PackedSigns]) -> Tensor:
+            if isinstance(x, PackedSigns):
+                return x.bits.reshape(-1, x.bits.shape[-1]).contiguous()
+            return pack(x.reshape(-1, k).contiguous(), False)
+
+        empty = any(d == 0 for d in lead)
+        if packed_output:
+            table, flip = threshold_table(self._thresholds(sc, bi, odt, post))
+            signs = _dispatch.implementation("xnor_signs", backend)
+            nw = n_words(n)
+
+            def run(x):
+                if empty:
+                    return PackedSigns._trusted(torch.zeros((*lead, nw), dtype=torch.int32, device=x.device), n)
+                return PackedSigns._trusted(signs(words(x), bits, k, table, flip).reshape(*lead, nw), n)
+
+            kind = "binary linear, xnor GEMM thresholded to packed signs"
+        else:
+            gemm = _dispatch.implementation("xnor_matmul", backend)
+
+            def run(x):
+                if empty:
+                    return torch.zeros((*lead, n), dtype=odt, device=x.device)
+                y = gemm(words(x), bits, k).to(ct)
+                if sc is not None:
+                    y.mul_(sc)
+                if bi is not None:
+                    y.add_(bi)
+                return y.to(odt).reshape(*lead, n)
+
+            kind = "binary linear, xnor GEMM on packed input"
+        if isinstance(x, Tensor):
+            run = inference_only(run, type(self).__name__)
+        return LayerPlan(run, (*lead, n), kind)
+
     def extra_repr(self) -> str:
         return f"{_linear_repr(self)}, mode={self.mode!r}"
 
 
 class PackedBinaryConv2d(PackedLayerBase):
-    """Inference 2-d convolution with 1-bit weights (``groups=1``, zero padding).
+    """Inference 2-d convolution with 1-bit weights (zero padding, optional groups).
 
-    ``y = conv2d(a, sign(W)) * scale[o] + bias[o]``; ``a = sign(x)`` on the channel-word XNOR GEMM
-    (``mode="both"``; padded positions contribute 0; the result is channels-last in memory, a
-    permuted view of the GEMM output), or ``a = x`` with ``F.conv2d`` on the cached unpacked
-    weights (``mode="weights"``). ``x``: ``(N, C, H, W)``. ``forward`` runs :meth:`inference_plan`.
+    ``y = conv2d(a, sign(W), groups) * scale[o] + bias[o]``; ``a = sign(x)`` on the channel-word
+    XNOR GEMM (``mode="both"``; padded positions contribute 0; the result is channels-last in
+    memory, a permuted view of the GEMM output), or ``a = x`` with ``F.conv2d`` on the cached
+    unpacked weights (``mode="weights"``). ``x``: ``(N, C, H, W)``, or in ``mode="both"`` packed
+    channel words (:func:`kdengine.ops.binary.pack_channels`; a previous binary layer's packed
+    output). With ``packed_output = True`` the output's signs come back as channel words
+    (:class:`PackedSigns` ``(N, OH, OW, O)``), thresholded from the integer counts.
+    ``forward`` runs :meth:`inference_plan`.
     """
+
+    packed_output: bool = False
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Pair, stride: Pair = 1,
                  padding: Pair = 0, dilation: Pair = 1, bias: bool = False, mode: str = "weights",
-                 device=None) -> None:
+                 device=None, groups: int = 1) -> None:
         super().__init__()
         _init_conv(self, in_channels, out_channels, kernel_size, stride, padding, dilation)
+        self.groups = _check_groups(groups, self.in_channels, self.out_channels)
         self.mode = _check_mode(mode)
-        k = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        k = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
         self._init_buffers(self.out_channels, k, bias, device)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
-        return (self.out_channels, self.in_channels, *self.kernel_size)
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
     @classmethod
     def from_binary(cls, layer: BinaryConv2d) -> "PackedBinaryConv2d":
-        """Pack a trained :class:`BinaryConv2d` (signs of ``W.flatten(1)``, scale, bias)."""
+        """Pack a trained :class:`BinaryConv2d` (signs of ``W.flatten(1)``, scale, bias, groups)."""
         return cls._from_trained(layer, BinaryConv2d, ("in_channels", "out_channels", "kernel_size",
-                                                       "stride", "padding", "dilation"))
+                                                       "stride", "padding", "dilation"), ("groups",))
 
-    def geometry(self, x: Tensor) -> ConvGeometry:
-        """The :class:`kdengine.ops.binary.ConvGeometry` of ``x`` (``(N, C, H, W)``), checked."""
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+    def geometry(self, x: Union[Tensor, PackedSigns]) -> ConvGeometry:
+        """The :class:`kdengine.ops.binary.ConvGeometry` of ``x`` (``(N, C, H, W)``, or packed
+        channel words of logical shape ``(N, H, W, C)``), checked."""
+        if isinstance(x, PackedSigns):
+            x, shape = check_conv_input(x)
+        elif x.dim() == 4:
+            shape = tuple(x.shape)
+        else:
+            shape = ()
+        if len(shape) != 4 or shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        geo = ConvGeometry(*x.shape, kernel=self.kernel_size, stride=self.stride, padding=self.padding,
-                           dilation=self.dilation)
-        oh, ow = geo.out_hw
-        if oh < 1 or ow < 1 or min(x.shape[2:]) < 1:
+        if min(shape[2:]) < 1:
             raise ValueError(
                 f"the kernel (size {self.kernel_size}, dilation {self.dilation}) does not fit the "
-                f"input {tuple(x.shape[2:])} + padding {self.padding}"
+                f"input {tuple(shape[2:])} + padding {self.padding}"
             )
-        return geo
+        return conv_geometry(shape, self.out_channels, self.k, self.kernel_size, self.stride, self.padding,
+                             self.dilation, self.groups)
 
-    def inference_plan(self, x: Tensor, *, out_buffer: bool = False) -> LayerPlan:
-        """The forward for ``x``'s signature (:mod:`kdengine.nn.plan`)."""
+    def inference_plan(self, x: Union[Tensor, PackedSigns], *, out_buffer: bool = False,
+                       packed_output: Optional[bool] = None, post: Optional[Callable[[Tensor], Tensor]] = None,
+                       out_dtype: Optional[torch.dtype] = None) -> LayerPlan:
+        """The forward for ``x``'s signature (:mod:`kdengine.nn.plan`).
+
+        ``packed_output`` (default: the attribute ``self.packed_output``; ``mode="both"`` only):
+        channel words of ``sign(post(y))`` instead of ``y``; ``post``: per-channel monotone float
+        ops on ``(L, O)`` values (a folded batch norm, a hardtanh) evaluated into the thresholds.
+        ``out_dtype``: the float dtype ``y`` would have (default x's; float32 for packed x).
+        """
         x = _check_float_input(self, x)
         geo = self.geometry(x)
-        o, (oh, ow), b = self.out_channels, geo.out_hw, x.shape[0]
+        o, (oh, ow), b = self.out_channels, geo.out_hw, geo.batch
         out_shape = (b, o, oh, ow)
+        packed_output = bool(self.packed_output if packed_output is None else packed_output)
         if self.mode == "weights":
+            if packed_output:
+                raise ValueError("packed_output needs mode='both' (the layer's input is binarized)")
             w = self._dense_pm1(x.dtype).view(self.weight_shape)
             scale = self.scale.to(x.dtype).view(1, -1, 1, 1)
             bias = None if self.bias is None else self.bias.to(x.dtype).view(1, -1, 1, 1)
-            stride, padding, dilation = self.stride, self.padding, self.dilation
+            stride, padding, dilation, groups = self.stride, self.padding, self.dilation, self.groups
 
             def run(x: Tensor) -> Tensor:
-                y = F.conv2d(x, w, None, stride, padding, dilation).mul_(scale)
+                y = F.conv2d(x, w, None, stride, padding, dilation, groups).mul_(scale)
                 return y if bias is None else y.add_(bias)
 
             return LayerPlan(run, out_shape, "binary-weight conv (unpacked +-1)")
-        backend = resolve_backend("binary_conv2d", x.device, self.backend)
-        self.packed_weight  # noqa: B018 - checks the padding bits once
-        ct = compute_dtype(x.dtype)
+        backend, _, _, odt = self._backend_epilogue("binary_conv2d", x)
+        odt = out_dtype or odt
+        ct = compute_dtype(odt)
         sc, bi = _vec(self.scale, ct), _vec(self.bias, ct)
+        th = self._thresholds(sc, bi, odt, post) if packed_output else None
+        bits = self.weight_bits.contiguous()
+        name = type(self).__name__
         if b == 0:
-            return LayerPlan(lambda x: torch.zeros(out_shape, dtype=x.dtype, device=x.device),
-                             out_shape, "empty batch")
-        if backend not in GEMM_CONV_BACKENDS:
-            impl = _dispatch.implementation("binary_conv2d", backend)
-            bits = self.weight_bits.contiguous()
-            return LayerPlan(inference_only(lambda x: impl(x, bits, geo, sc, bi), "PackedBinaryConv2d"),
-                             out_shape, f"binary conv ({backend} kernel)")
-        (kh, kw), cw = self.kernel_size, n_words(self.in_channels)
-        if kh * kw * 32 * cw >= K_LIMIT:
-            raise ValueError(f"the conv GEMM's K = kh*kw*32*ceil(C/32) = {kh * kw * 32 * cw} must be < 2^31")
-        # Weight repacking and border correction once; the output is handed on as a channels-last
-        # view (no transpose copy): the pooling / BN that follow run faster on it, and the next
-        # binary conv packs each pixel's channels from contiguous memory.
-        conv = ChannelWordConv(self.sign_weight(), geo, backend, spikes=False)
-
-        def run(x: Tensor) -> Tensor:
-            y = conv.counts(x, ct)
-            if sc is not None:
-                y.mul_(sc)
-            if bi is not None:
-                y.add_(bi)
-            return y.view(b, oh, ow, o).permute(0, 3, 1, 2).to(x.dtype)
-
-        return LayerPlan(inference_only(run, "PackedBinaryConv2d"), out_shape,
-                         "binary conv, xnor-popcount GEMM (weights repacked once)",
-                         precomputed_bytes=conv.nbytes)
+            if packed_output:
+                empty = torch.zeros((0, oh, ow, n_words(o)), dtype=torch.int32, device=x.device)
+                return LayerPlan(lambda x: PackedSigns._trusted(empty, o), (0, oh, ow, o), "empty batch")
+            return LayerPlan(lambda x: torch.zeros(out_shape, dtype=odt, device=x.device), out_shape,
+                             "empty batch")
+        pre = 0
+        if backend not in GEMM_CONV_BACKENDS:  # the reference convolves floats
+            if packed_output:
+                impl = _dispatch.implementation("binary_conv2d_signs", backend)
+                run = lambda x: PackedSigns._trusted(impl(x, bits, geo, th), o)  # noqa: E731
+            else:
+                impl = _dispatch.implementation("binary_conv2d", backend)
+                run = lambda x: impl(x, bits, geo, sc, bi)  # noqa: E731
+            kind = f"binary conv ({backend} kernel)" + (", thresholded to packed channel words"
+                                                         if packed_output else "")
+        else:
+            # Weight repacking and border correction once. A float output is handed on as a
+            # channels-last view (no transpose copy): the pooling / BN that follow run faster on
+            # it, and the next binary conv packs each pixel's channels from contiguous memory.
+            plan = ConvPlan(bits, geo, backend)
+            pre = plan.nbytes
+            if packed_output:
+                table, flip = plan.signs_table(th)
+                pre += nbytes(table)
+                run = lambda x: PackedSigns._trusted(plan.run_signs(x, table, flip), o)  # noqa: E731
+                kind = "binary conv, xnor-popcount GEMM thresholded to packed channel words"
+            else:
+                run = lambda x: plan.run(x, sc, bi, channels_last_out=True, out_dtype=odt)  # noqa: E731
+                kind = "binary conv, xnor-popcount GEMM (weights repacked once)"
+        if isinstance(x, PackedSigns):
+            kind += ", packed input"
+        if isinstance(x, Tensor):
+            run = inference_only(run, name)
+        return LayerPlan(run, (b, oh, ow, o) if packed_output else out_shape, kind, precomputed_bytes=pre)
 
     def extra_repr(self) -> str:
         return f"{_conv_repr(self)}, mode={self.mode!r}"

@@ -98,7 +98,8 @@ class PlannedModule(nn.Module):
 
     Subclasses define ``inference_plan(x, *, out_buffer=False)``. The plans are cached per
     signature, per version of every buffer (an in-place change, a reload or a move builds a new
-    plan), per run option (``backend``, ``mode``, ``check_spikes``) and per inference mode (a plan built
+    plan), per run option (``backend``, ``mode``, ``check_spikes``, ``packed_output``), per input
+    kind (a tensor or packed signs) and per inference mode (a plan built
     under ``torch.inference_mode`` holds inference tensors, which autograd cannot save).
     """
 
@@ -111,9 +112,10 @@ class PlannedModule(nn.Module):
         except RuntimeError:  # inference tensors carry no version counter: no caching
             return self.inference_plan(x)
         # and the run options a plan bakes in
-        key = (tuple(x.shape), x.dtype, x.device, torch.is_inference_mode_enabled(), state,
-               getattr(self, "backend", None), getattr(self, "mode", None),
-               getattr(self, "check_spikes", None))
+        key = (type(x), tuple(x.shape), getattr(x, "dtype", None), x.device,
+               torch.is_inference_mode_enabled(), state, getattr(self, "backend", None),
+               getattr(self, "mode", None), getattr(self, "check_spikes", None),
+               getattr(self, "packed_output", None))
         cache = self.__dict__.setdefault("_forward_plans", {})
         plan = cache.get(key)
         if plan is None:

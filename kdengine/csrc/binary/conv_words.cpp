@@ -11,7 +11,7 @@
 // (channels_last: each pixel's C values are contiguous; NCHW: channel-major sweeps over
 // contiguous pixel runs, OR-ing bits into the words) into a (B*H*W, cw) word buffer; pass 2
 // copies cw-word runs into the rows (kh*kw*cw*4 bytes written per output pixel). Both passes go
-// over ATen's threads.
+// over ATen's threads. binary_im2col_words is pass 2 alone, for words a binary layer wrote packed.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -101,32 +101,12 @@ void pack_pixels(const at::Tensor& x, uint32_t* words, int64_t cw, std::atomic<b
   });
 }
 
-at::Tensor binary_conv_words(const at::Tensor& x, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
-                             int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
-  TORCH_CHECK_VALUE(x.dim() == 4 && x.device().is_cpu() && x.is_floating_point(),
-                    "x must be a 4-D floating CPU tensor (B, C, H, W), got ", x.sizes(), " ",
-                    x.scalar_type());
-  TORCH_CHECK_VALUE(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && dh >= 1 && dw >= 1 && ph >= 0 &&
-                        pw >= 0,
-                    "kernel, stride and dilation must be >= 1 and padding >= 0");
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t cw = (C + 31) / 32;
-  const int64_t OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
-  const int64_t OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
-  TORCH_CHECK_VALUE(C >= 1 && OH >= 1 && OW >= 1, "the kernel does not fit the input ", x.sizes());
-  at::Tensor words = at::empty({B * H * W, cw}, x.options().dtype(at::kInt));
-  uint32_t* wp = reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>());
-  std::atomic<bool> nan{false};
-  // With 8+ channels a channels_last copy (one transpose pass) makes each pixel's signs one
-  // contiguous compare + movemask sweep; fewer channels are packed straight from NCHW.
-  const at::Tensor xs = (x.stride(1) != 1 && C >= 8) ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "binary_conv_words",
-                                  [&] { pack_pixels<scalar_t>(xs, wp, cw, nan); });
-  TORCH_CHECK_VALUE(!nan.load(),
-                    "x contains NaN; a NaN has no sign, so it cannot be packed into +-1 bits");
+// Pass 2: for every output pixel and tap (i, j), the cw words of the input pixel it reads, or cw
+// zero words (+1 signs) in the zero padding; rows of kh*kw*cw words in (kh, kw, C) order.
+void im2col_words(const uint32_t* wp, int64_t B, int64_t H, int64_t W, int64_t cw, int64_t kh,
+                  int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                  int64_t OH, int64_t OW, uint32_t* op) {
   const int64_t row = kh * kw * cw, R = B * OH * OW;
-  at::Tensor out = at::empty({R, row}, x.options().dtype(at::kInt));
-  uint32_t* op = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
   kdengine::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(row, 1)),
                          [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -144,9 +124,65 @@ at::Tensor binary_conv_words(const at::Tensor& x, int64_t kh, int64_t kw, int64_
       }
     }
   });
+}
+
+void check_geometry(int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                    int64_t dh, int64_t dw) {
+  TORCH_CHECK_VALUE(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && dh >= 1 && dw >= 1 && ph >= 0 &&
+                        pw >= 0,
+                    "kernel, stride and dilation must be >= 1 and padding >= 0");
+}
+
+at::Tensor binary_conv_words(const at::Tensor& x, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                             int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.device().is_cpu() && x.is_floating_point(),
+                    "x must be a 4-D floating CPU tensor (B, C, H, W), got ", x.sizes(), " ",
+                    x.scalar_type());
+  check_geometry(kh, kw, sh, sw, ph, pw, dh, dw);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t cw = (C + 31) / 32;
+  const int64_t OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+  const int64_t OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK_VALUE(C >= 1 && OH >= 1 && OW >= 1, "the kernel does not fit the input ", x.sizes());
+  at::Tensor words = at::empty({B * H * W, cw}, x.options().dtype(at::kInt));
+  uint32_t* wp = reinterpret_cast<uint32_t*>(words.data_ptr<int32_t>());
+  std::atomic<bool> nan{false};
+  // With 8+ channels a channels_last copy (one transpose pass) makes each pixel's signs one
+  // contiguous compare + movemask sweep; fewer channels are packed straight from NCHW.
+  const at::Tensor xs = (x.stride(1) != 1 && C >= 8) ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "binary_conv_words",
+                                  [&] { pack_pixels<scalar_t>(xs, wp, cw, nan); });
+  TORCH_CHECK_VALUE(!nan.load(),
+                    "x contains NaN; a NaN has no sign, so it cannot be packed into +-1 bits");
+  at::Tensor out = at::empty({B * OH * OW, kh * kw * cw}, x.options().dtype(at::kInt));
+  im2col_words(wp, B, H, W, cw, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW,
+               reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()));
+  return out;
+}
+
+// The im2col of words that are already packed per pixel (a binary layer's packed output):
+// words int32 (B, H, W, cw), channel padding bits as they are -> (B*OH*OW, kh*kw*cw).
+at::Tensor binary_im2col_words(const at::Tensor& words_in, int64_t kh, int64_t kw, int64_t sh,
+                               int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
+  TORCH_CHECK_VALUE(words_in.dim() == 4 && words_in.device().is_cpu() &&
+                        words_in.scalar_type() == at::kInt,
+                    "words must be a 4-D int32 CPU tensor (B, H, W, words per pixel), got ",
+                    words_in.sizes(), " ", words_in.scalar_type());
+  check_geometry(kh, kw, sh, sw, ph, pw, dh, dw);
+  const at::Tensor words = words_in.contiguous();
+  const int64_t B = words.size(0), H = words.size(1), W = words.size(2), cw = words.size(3);
+  const int64_t OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+  const int64_t OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK_VALUE(cw >= 1 && OH >= 1 && OW >= 1, "the kernel does not fit the input ", words.sizes());
+  at::Tensor out = at::empty({B * OH * OW, kh * kw * cw}, words.options());
+  im2col_words(reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()), B, H, W, cw, kh, kw, sh,
+               sw, ph, pw, dh, dw, OH, OW, reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()));
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdengine, CPU, m) { m.impl("binary_conv_words", &binary_conv_words); }
+TORCH_LIBRARY_IMPL(kdengine, CPU, m) {
+  m.impl("binary_conv_words", &binary_conv_words);
+  m.impl("binary_im2col_words", &binary_im2col_words);
+}

@@ -1,6 +1,8 @@
-"""Binary ops: packed sign bits, XNOR / AND popcount matmuls, binary linear and conv2d.
+"""Binary ops: packed sign bits, XNOR / AND popcount matmuls, binary linear and conv2d (grouped,
+packed in and out), output thresholding to packed bits, max-pool on packed channel words.
 
 ``op`` holds the packed container and the matmul/linear entry points, ``conv`` binary conv2d,
+``threshold`` the count -> packed-bit thresholds, ``pool`` the max-pool on words,
 ``reference`` the float64 specification, ``triton_kernel`` the Triton kernels and ``backends`` the
 per-backend registrations (C++ kernels: ``kdengine/csrc/binary/``).
 """
@@ -24,7 +26,19 @@ from kdengine.ops.binary.conv import (  # noqa: F401  (re-exported)
     channel_words,
     conv_plan,
     conv_via_gemm,
+    im2col_words,
     weight_channel_words,
+)
+from kdengine.ops.binary.threshold import (  # noqa: F401  (re-exported)
+    SignThresholds,
+    sign_thresholds,
+    threshold_pack,
+    xnor_matmul_signs,
+)
+from kdengine.ops.binary.pool import (  # noqa: F401  (re-exported)
+    binary_max_pool2d,
+    pack_channels,
+    unpack_channels,
 )
 from kdengine.ops.binary import backends as _backends  # noqa: F401  (registers every backend)
 
@@ -36,4 +50,11 @@ __all__ = [
     "spike_matmul",
     "binary_linear",
     "binary_conv2d",
+    "binary_max_pool2d",
+    "pack_channels",
+    "unpack_channels",
+    "SignThresholds",
+    "sign_thresholds",
+    "threshold_pack",
+    "xnor_matmul_signs",
 ]

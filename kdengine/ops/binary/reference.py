@@ -26,6 +26,8 @@ __all__ = [
     "spike_matmul_reference",
     "binary_linear_reference",
     "binary_conv2d_reference",
+    "binary_max_pool2d_reference",
+    "xnor_grouped_matmul_reference",
     "epilogue",
 ]
 
@@ -107,17 +109,43 @@ def binary_linear_reference(x: Tensor, w_bits: Tensor, k: int, scale: Optional[T
     return epilogue(torch.round(sx @ w.T), scale, bias, x.dtype)
 
 
+def binary_conv2d_dot(x: Tensor, w_bits: Tensor, kernel_size: tuple[int, int],
+                      stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                      groups: int = 1) -> Tensor:
+    """``torch.conv2d(sign(x), sign(W), groups=groups)`` in float64 (exact integers) with true zero
+    padding (a padded position contributes 0, not +-1): ``(B, O, OH, OW)``."""
+    if bool(torch.isnan(x).any()):
+        raise ValueError("x contains NaN; a NaN has no sign, so it cannot be binarized")
+    cg = x.shape[1] // groups
+    kh, kw = kernel_size
+    sx = torch.where(x < 0, -1.0, 1.0).to(torch.float64)
+    w = unpack_reference(w_bits, cg * kh * kw).reshape(w_bits.shape[0], cg, kh, kw)
+    return torch.round(F.conv2d(sx, w, stride=stride, padding=padding, dilation=dilation, groups=groups))
+
+
 def binary_conv2d_reference(x: Tensor, w_bits: Tensor, kernel_size: tuple[int, int],
                             scale: Optional[Tensor], bias: Optional[Tensor],
                             stride: tuple[int, int], padding: tuple[int, int],
-                            dilation: tuple[int, int]) -> Tensor:
-    """``torch.conv2d(sign(x), sign(W))`` in float64 with true zero padding (a padded position
-    contributes 0, not +-1), then ``* scale + bias`` per output channel; x's dtype out."""
-    if bool(torch.isnan(x).any()):
-        raise ValueError("x contains NaN; a NaN has no sign, so it cannot be binarized")
-    b, c, _, _ = x.shape
-    kh, kw = kernel_size
-    sx = torch.where(x < 0, -1.0, 1.0).to(torch.float64)
-    w = unpack_reference(w_bits, c * kh * kw).reshape(w_bits.shape[0], c, kh, kw)
-    dot = F.conv2d(sx, w, stride=stride, padding=padding, dilation=dilation)
-    return epilogue(torch.round(dot), scale, bias, x.dtype, channel_dim=1)
+                            dilation: tuple[int, int], groups: int = 1,
+                            out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """:func:`binary_conv2d_dot`, then ``* scale + bias`` per output channel; ``out_dtype``
+    (default x's dtype) out."""
+    dot = binary_conv2d_dot(x, w_bits, kernel_size, stride, padding, dilation, groups)
+    return epilogue(dot, scale, bias, out_dtype or x.dtype, channel_dim=1)
+
+
+def xnor_grouped_matmul_reference(a_bits: Tensor, b_bits: Tensor, k: int, groups: int) -> Tensor:
+    """``(g*M, W)``, ``(g*Ng, W)`` -> int32 ``(M, g*Ng)``: group i's rows of a times its rows of b."""
+    a = a_bits.reshape(groups, -1, a_bits.shape[-1])
+    b = b_bits.reshape(groups, -1, b_bits.shape[-1])
+    return torch.cat([xnor_matmul_reference(a[i], b[i], k) for i in range(groups)], dim=1)
+
+
+def binary_max_pool2d_reference(bits: Tensor, k: int, spikes: bool, kernel_size: tuple[int, int],
+                                stride: tuple[int, int], padding: tuple[int, int],
+                                dilation: tuple[int, int]) -> Tensor:
+    """Channel words ``(B, H, W, ceil(k/32))`` -> the words of ``max_pool2d`` of the unpacked
+    +-1 (or 0/1) values in float64 (padding is -inf, as in torch): ``(B, OH, OW, ceil(k/32))``."""
+    v = unpack_reference(bits, k, spikes=spikes).permute(0, 3, 1, 2)
+    y = F.max_pool2d(v, kernel_size, stride, padding, dilation).permute(0, 2, 3, 1)
+    return pack_bool_reference(y > 0.5) if spikes else pack_bool_reference(y < 0)

@@ -14,6 +14,12 @@ shift by the lane index, sum = OR of disjoint bits), so x is read once per N til
 written back as bits; its epilogue applies (K - 2 count) * scale + bias in fp32 (fp64 for fp64 x)
 and stores x's dtype.
 
+Output thresholding (:mod:`kdengine.ops.binary.threshold`): a program loads a (BLOCK_M, 32 BLOCK_W)
+tile of int32 counts, the matching thresholds (table row r % P) and flips, and writes (BLOCK_M,
+BLOCK_W) words: 4 B read per output, 1/8 B written. Max-pool on channel words
+(:mod:`kdengine.ops.binary.pool`): a program owns (BLOCK_P output pixels, BLOCK_W words) and ANDs
+(ORs for spikes) the kh*kw taps' words, padding taps masked to the identity.
+
 Sizes: the interpreter (TRITON_INTERPRET=1, CPU tests) gets small tiles and wide K steps (few
 loop iterations); on a GPU the tiles are 32 x 32 x 4 words (not tuned: no GPU was available when
 this was written; `__popc` via inline asm would be faster but the interpreter cannot run it).
@@ -29,7 +35,7 @@ from torch import Tensor
 
 from kdengine._dispatch import triton_interpret
 
-__all__ = ["pack_triton", "gemm_triton", "linear_triton"]
+__all__ = ["pack_triton", "gemm_triton", "linear_triton", "threshold_triton", "maxpool_triton"]
 
 
 @triton.jit
@@ -187,5 +193,87 @@ def linear_triton(x: Tensor, wbits: Tensor, k: int, scale: Optional[Tensor],
         m, n, k, w, _last_mask(k), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
         UPCAST=x.dtype in (torch.float16, torch.bfloat16), F64=x.dtype == torch.float64,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw,
+    )
+    return out
+
+
+@triton.jit
+def _threshold_kernel(c_ptr, t_ptr, f_ptr, out_ptr, M, N, P, NW, BLOCK_M: tl.constexpr,
+                      BLOCK_W: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rw = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    j = tl.arange(0, 32)
+    rn = rw[:, None] * 32 + j[None, :]  # (BLOCK_W, 32) channels
+    mn = rn < N
+    mm = rm < M
+    m3 = mm[:, None, None] & mn[None, :, :]
+    v = tl.load(c_ptr + rm.to(tl.int64)[:, None, None] * N + rn[None, :, :], mask=m3, other=0)
+    t = tl.load(t_ptr + (rm % P).to(tl.int64)[:, None, None] * N + rn[None, :, :], mask=m3, other=0)
+    f = tl.load(f_ptr + rn, mask=mn, other=0)
+    v = tl.where(f[None, :, :] != 0, -v, v)
+    bit = ((v <= t) & m3).to(tl.uint32)
+    word = tl.sum(bit << j[None, None, :].to(tl.uint32), axis=2)  # disjoint bits: sum = OR
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * NW + rw[None, :], word.to(tl.int32, bitcast=True),
+             mask=mm[:, None] & (rw < NW)[None, :])
+
+
+def threshold_triton(counts: Tensor, table: Tensor, flip: Tensor) -> Tensor:
+    """int32 ``(M, N)`` counts -> int32 ``(M, ceil(N/32))`` words; row r uses ``table[r % P]``."""
+    m, n = counts.shape
+    nw = (n + 31) // 32
+    out = torch.empty((m, nw), dtype=torch.int32, device=counts.device)
+    bm = _p2(m, 16 if triton_interpret() else 32)
+    bw = _p2(nw, 8 if triton_interpret() else 2)
+    _threshold_kernel[(triton.cdiv(m, bm), triton.cdiv(nw, bw))](
+        counts, table, flip.to(torch.uint8), out, m, n, table.shape[0], nw, BLOCK_M=bm, BLOCK_W=bw
+    )
+    return out
+
+
+@triton.jit
+def _maxpool_kernel(x_ptr, out_ptr, H, W, OH, OW, CW, NPIX, LAST, SH, SW, PH, PW, DH, DW,
+                    KH: tl.constexpr, KW: tl.constexpr, USE_OR: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr):
+    rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # output pixels (b, oh, ow)
+    rw = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    mp = rp < NPIX
+    mw = rw < CW
+    b = rp // (OH * OW)
+    q = rp % (OH * OW)
+    oh = q // OW
+    ow = q % OW
+    if USE_OR:
+        acc = tl.zeros((BLOCK_P, BLOCK_W), dtype=tl.int32)
+    else:
+        acc = tl.full((BLOCK_P, BLOCK_W), -1, dtype=tl.int32)
+    for i in tl.static_range(KH):
+        ih = oh * SH - PH + i * DH
+        for j in tl.static_range(KW):
+            iw = ow * SW - PW + j * DW
+            inb = mp & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            src = ((b.to(tl.int64) * H + ih) * W + iw) * CW
+            m2 = inb[:, None] & mw[None, :]
+            if USE_OR:
+                acc = acc | tl.load(x_ptr + src[:, None] + rw[None, :], mask=m2, other=0)
+            else:
+                acc = acc & tl.load(x_ptr + src[:, None] + rw[None, :], mask=m2, other=-1)
+    acc = acc & tl.where(rw == CW - 1, LAST, -1)[None, :]  # channel padding bits stay 0
+    tl.store(out_ptr + rp.to(tl.int64)[:, None] * CW + rw[None, :], acc, mask=mp[:, None] & mw[None, :])
+
+
+def maxpool_triton(bits: Tensor, k: int, spikes: bool, kernel: tuple[int, int], stride: tuple[int, int],
+                   padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+    """Channel words ``(B, H, W, cw)`` -> max-pooled words ``(B, OH, OW, cw)`` (AND; OR for spikes)."""
+    b, h, w, cw = bits.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out = torch.empty((b, oh, ow, cw), dtype=torch.int32, device=bits.device)
+    npix = b * oh * ow
+    bp = _p2(npix, 64 if triton_interpret() else 32)
+    bw = _p2(cw, 8)
+    _maxpool_kernel[(triton.cdiv(npix, bp), triton.cdiv(cw, bw))](
+        bits.contiguous(), out, h, w, oh, ow, cw, npix, _last_mask(k), sh, sw, ph, pw, dh, dw,
+        KH=kh, KW=kw, USE_OR=spikes, BLOCK_P=bp, BLOCK_W=bw,
     )
     return out
