@@ -32,7 +32,8 @@ def _is_ours(impl: str) -> bool:
     return impl.startswith("kdengine")
 
 
-_OP = {"kd_loss": "KD loss", "if_multistep": "IF neuron", "infer": "batch-1 latency", "llm": "LLM-head KD"}
+_OP = {"kd_loss": "KD loss", "if_multistep": "IF neuron", "snn_memory": "SNN training step",
+       "infer": "batch-1 latency", "llm": "LLM-head KD"}
 
 
 def _case(r: dict) -> str:
@@ -107,6 +108,7 @@ def _clip(text: str, width: int) -> str:
 _SECTION = {"kd_loss": "KD loss, fp32, T=2, forward + backward, median wall time",
             "binary": "binary ops vs the same op in fp32 torch, median wall time",
             "if_multistep": "multi-step IF neuron, fp32, median wall time",
+            "snn_memory": "spiking CNN training step (memory in the notes), fp32, median wall time",
             "infer": "batch-1 inference latency, p50 (p99 in the JSON)",
             "llm": "LLM-head KD (student head + KD loss), fp32, forward + backward"}
 
