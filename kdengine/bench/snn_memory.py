@@ -18,9 +18,12 @@ Two memory numbers per (T, arm), both measured, neither modelled:
 * ``peak_rss_MB``: the growth of the process's peak resident set (Linux ``VmHWM``, reset before
   the step) over one training step in a fresh subprocess per configuration, after a warm-up step
   on a 2-image batch (native kernels loaded). The child runs with ``MALLOC_MMAP_THRESHOLD_=65536``
-  so glibc maps every large tensor afresh and returns it when freed: the resident set then follows
-  the live tensors instead of glibc's cached heap. It includes everything alive at the peak
-  (activations, the backward's working set, gradients).
+  so glibc maps every large tensor afresh and returns it when freed, and with kdengine's kernel
+  output pool off (``KDENGINE_CPU_POOL_MB=0``: the pool keeps freed outputs resident for reuse, by
+  design): the resident set then follows the live tensors. It includes everything alive at the
+  peak (activations, the backward's working set, gradients). For this 3-block net the peak is set
+  by the largest block's backward (its recomputed graph, or in plain autograd its saved tensors
+  plus the gradients in flight), so it shrinks far less than the saved bytes do.
 
 ``median_s`` is the in-process step time (the recompute costs one more forward per block).
 """
@@ -114,7 +117,7 @@ def peak_rss_bytes(impl: str, time_steps: int, batch: int, channels: Sequence[in
     cmd = [sys.executable, "-m", "kdengine.bench.snn_memory", "--child", "--impl", impl, "--steps",
            str(time_steps), "--batch", str(batch), "--channels", *map(str, channels), "--hidden", str(hidden),
            "--threads", str(threads or torch.get_num_threads())]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", KDENGINE_CPU_POOL_MB="0")
     return peak_from_child(cmd, env=env, label=f"{impl} T={time_steps}")
 
 

@@ -19,7 +19,10 @@ the very same values as the plain path, so every gradient -- input, weights, bia
 affine, and learnable neuron parameters such as a LIF's tau -- is bit-identical to the unpacked
 path's (``memory_light=False``, plain autograd through the same layers). The price: one more
 forward of the block per backward. The peak shifts from the sum over layers of their saved
-activations to one layer's working set plus 1 bit per input spike of every layer.
+activations to one layer's working set plus 1 bit per input spike of every layer (so the gain in
+peak memory grows with depth; in a net dominated by one layer it is small). On CPU, kdengine's
+kernel output pool keeps freed spike / gradient buffers resident for reuse
+(:mod:`kdengine.cpu_pool`): set ``KDENGINE_CPU_POOL_MB=0`` when memory is what matters.
 
 The neuron is pluggable: any multi-step module ``(T, B, ...) currents -> (T, B, ...) spikes``
 (:class:`kdengine.snn.IFNeuron`, a LIF / PLIF module, SpikingJelly's multi-step nodes), or a plain
