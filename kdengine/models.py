@@ -15,6 +15,9 @@ closing the second conv stage), so a change of layer order here changes what the
 * :func:`snn_cnn`: the ANN of an ANN -> SNN conversion: no bias, no BN, dropout, *average* pooling
   before the ReLU (a rate code stands for a non-negative activation, and average pooling of rates
   is exact where max pooling is not).
+* :class:`ConvSNN`: a spiking CNN trained through time with surrogate gradients (conv-BN-neuron
+  twice, pool, linear-neuron, readout of the mean spike count), on :mod:`kdengine.snn.memory_light`
+  blocks; the neuron is a parameter (kdengine's IF, a LIF / PLIF, SpikingJelly's nodes).
 * :func:`binary_mlp`: hidden layers with binary weights and activations (the crossbar net).
 * :func:`teacher_net`, :func:`xnor_student`, :func:`snn_student` (and the ``*_float`` latency
   references): the demo's seeded networks.
@@ -27,7 +30,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "mlp", "small_cnn", "vgg_relu", "vgg_bn_sign", "snn_cnn", "binary_mlp", "logit_layer", "n_params",
+    "mlp", "small_cnn", "vgg_relu", "vgg_bn_sign", "snn_cnn", "ConvSNN", "default_snn_neuron", "binary_mlp",
+    "logit_layer", "n_params",
     "teacher_net", "xnor_student", "xnor_student_float", "snn_student", "snn_student_float",
 ]
 
@@ -104,6 +108,67 @@ def snn_cnn(width: int = 8, hidden: int = 64, dropout: float = 0.2) -> nn.Sequen
     c1, c2 = width, 2 * width
     layers = _stages(1, (c1, c2), lambda c, ch: [_conv3x3(c, ch), nn.AvgPool2d(2), nn.ReLU()])
     return nn.Sequential(*layers, *_dropout_head(c2 * 49, hidden, 10, dropout))
+
+
+def default_snn_neuron() -> nn.Module:
+    """kdengine's fused IF neuron with SpikingJelly's ``IFNode`` defaults: threshold 1, hard reset
+    to 0, atan surrogate (alpha 2), reset not detached."""
+    from kdengine.snn import IFNeuron
+
+    return IFNeuron(1.0, 0.0, surrogate="atan", alpha=2.0)
+
+
+class ConvSNN(nn.Module):
+    """A spiking CNN for 1 x 28 x 28 images, trained through time (BPTT, surrogate gradients).
+
+    ``conv(1->c1) BN neuron`` (direct encoding: the image is the input current at every step, the
+    conv runs once) ``| maxpool conv(c1->c2) BN neuron | maxpool flatten fc(c2*49->hidden) neuron |
+    fc(hidden->n_classes)`` on the mean spike count over the ``time_steps`` steps (the logits).
+    28 -> 28 -> 14 -> 7. The three spiking layers are :class:`kdengine.snn.SpikingBlock` s, so
+    ``memory_light=True`` trains with 1-bit saved spikes (same gradients, less memory, one more
+    forward per layer in the backward).
+
+    ``neuron``: a factory called once per spiking layer, returning a multi-step neuron module
+    (default :func:`default_snn_neuron`); its state is reset at every ``forward`` (each input is a
+    new sequence): a module with a ``reset()`` method (kdengine's, SpikingJelly's) is reset with it.
+    """
+
+    def __init__(self, neuron: Callable[[], nn.Module] | None = None, *, channels: Sequence[int] = (8, 16),
+                 hidden: int = 64, time_steps: int = 4, n_classes: int = 10, memory_light: bool = False) -> None:
+        super().__init__()
+        from kdengine.snn import SpikingBlock, SpikingConvBlock
+
+        make = neuron or default_snn_neuron
+        c1, c2 = channels
+        self.time_steps = int(time_steps)
+        self.conv1 = SpikingConvBlock(1, c1, 3, make(), padding=1, bias=False, batch_norm=True,
+                                      time_steps=self.time_steps)
+        self.conv2 = SpikingConvBlock(c1, c2, 3, make(), padding=1, bias=False, batch_norm=True, pool=2)
+        self.fc = SpikingBlock(nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(c2 * 49, hidden)), make())
+        self.readout = nn.Linear(hidden, n_classes)
+        self.set_memory_light(memory_light)
+
+    def blocks(self) -> list[nn.Module]:
+        return [self.conv1, self.conv2, self.fc]
+
+    def set_memory_light(self, on: bool) -> "ConvSNN":
+        """Train with memory-light BPTT (True) or plain autograd (False); same parameters."""
+        for b in self.blocks():
+            b.memory_light = bool(on)
+        return self
+
+    def reset(self) -> None:
+        """Reset every neuron's state."""
+        for b in self.blocks():
+            reset = getattr(b.neuron, "reset", None)
+            if callable(reset):
+                reset()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(B, 1, 28, 28)`` images -> ``(B, n_classes)`` logits."""
+        self.reset()
+        s = self.fc(self.conv2(self.conv1(x)))
+        return self.readout(s.mean(0))
 
 
 def binary_mlp(hidden: int = 512) -> nn.Module:

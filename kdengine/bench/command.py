@@ -15,7 +15,7 @@ from pathlib import Path
 
 __all__ = ["SUITES", "DEFAULT_OUT", "add_arguments", "run_from_args", "run_suites"]
 
-SUITES = ("kd", "binary", "spiking", "infer", "llm")
+SUITES = ("kd", "binary", "spiking", "snn_memory", "infer", "llm")
 DEFAULT_OUT = "bench-results/kdengine-bench.json"
 RECORD_OUT = "benches/results/bench_cpu.json"
 
@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="small shapes (about a minute without the llm suite) instead of the full ones")
     p.add_argument("--suite", action="append", choices=list(SUITES), metavar="{" + ",".join(SUITES) + "}",
                    help="a suite to run; repeat for several (default: all). kd: KD loss; binary: XNOR/AND "
-                   "popcount ops; spiking: multi-step IF, LIF and parametric LIF neurons; infer: batch-1 "
-                   "packed-model latency; "
+                   "popcount ops; spiking: multi-step IF, LIF and parametric LIF neurons; snn_memory: spiking-CNN "
+                   "training memory vs T, memory-light BPTT vs plain autograd; infer: batch-1 packed-model latency; "
                    "llm: fused linear + KD at LLM-head sizes (slow)")
     p.add_argument("--no-compile", action="store_true",
                    help="skip the torch.compile baselines (they compile on first use)")

@@ -33,6 +33,7 @@ def _is_ours(impl: str) -> bool:
 
 
 _OP = {"kd_loss": "KD loss", "if_multistep": "IF neuron", "lif_multistep": "LIF neuron",
+       "snn_memory": "SNN training step",
        "infer": "batch-1 latency", "llm": "LLM-head KD"}
 
 
@@ -109,6 +110,7 @@ _SECTION = {"kd_loss": "KD loss, fp32, T=2, forward + backward, median wall time
             "binary": "binary ops vs the same op in fp32 torch, median wall time",
             "if_multistep": "multi-step IF neuron, fp32, median wall time",
             "lif_multistep": "multi-step LIF / parametric LIF neuron, fp32, median wall time",
+            "snn_memory": "spiking CNN training step (memory in the notes), fp32, median wall time",
             "infer": "batch-1 inference latency, p50 (p99 in the JSON)",
             "llm": "LLM-head KD (student head + KD loss), fp32, forward + backward"}
 

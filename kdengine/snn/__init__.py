@@ -10,6 +10,8 @@
   :func:`calibrate`, :func:`fold_batchnorm`, :class:`SpikingNetwork`.
 * :mod:`kdengine.snn.run` — :func:`run_snn`, :class:`EarlyExit`, :func:`simulate_early_exit`.
 * :mod:`kdengine.snn.latency` — design-time scaling search and early-exit tuning.
+* :mod:`kdengine.snn.memory_light` — :class:`SpikingBlock` (synapse + neuron) and its Linear / Conv2d
+  variants, trained with memory-light BPTT (input spikes kept as 1 bit, the rest recomputed).
 """
 from kdengine.snn.binary import SpikingBinaryConv2d, SpikingBinaryLinear
 from kdengine.snn.convert import (
@@ -23,6 +25,8 @@ from kdengine.snn.convert import (
 )
 from kdengine.snn.lif import LIFNeuron, ParametricLIFNeuron
 from kdengine.snn.latency import ScalingSearch, search_scaling, tune_early_exit
+from kdengine.snn import memory_light as _memory_light
+from kdengine.snn.memory_light import *  # noqa: F401,F403 - the names of memory_light.__all__
 from kdengine.snn import layers as _layers
 from kdengine.snn.layers import *  # noqa: F401,F403 - the names of layers.__all__
 from kdengine.snn.run import EarlyExit, SNNRun, run_snn, simulate_early_exit
@@ -31,6 +35,7 @@ __all__ = [
     *_layers.__all__,
     "LIFNeuron",
     "ParametricLIFNeuron",
+    *_memory_light.__all__,
     "SpikingBinaryLinear",
     "SpikingBinaryConv2d",
     "convert",
