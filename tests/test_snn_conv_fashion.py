@@ -78,10 +78,13 @@ def test_snn_conv_fashion_quick_run(tmp_path):
     payload = json.loads((tmp_path / "snn_conv_fashion.json").read_text())
     methods = [r["method"] for r in payload["rows"]]
     assert methods[:2] == ["kdengine IF", "kdengine IF, memory-light"]
+    assert "kdengine PLIF" in methods and "kdengine PLIF, memory-light" in methods
     by = {r["method"]: r for r in payload["rows"]}
-    assert payload["setup"]["memory_light_weights_equal_plain"] == {"0": True}
-    assert by["kdengine IF, memory-light"]["test_acc"] == by["kdengine IF"]["test_acc"]
-    assert by["kdengine IF, memory-light"]["saved_MB"] < by["kdengine IF"]["saved_MB"] / 4
+    assert payload["setup"]["memory_light_weights_equal_plain"] == {"0": {"IF": True, "PLIF": True}}
+    for neuron in ("IF", "PLIF"):
+        plain, light = by[f"kdengine {neuron}"], by[f"kdengine {neuron}, memory-light"]
+        assert light["test_acc"] == plain["test_acc"]
+        assert light["saved_MB"] < plain["saved_MB"] / 4
     assert all(r["epoch_s"] > 0 for r in payload["rows"])
     assert any("bit-identical" in n for n in payload["notes"])
     assert "md" in out["paths"] and "| kdengine IF |" in (tmp_path / "snn_conv_fashion.md").read_text()

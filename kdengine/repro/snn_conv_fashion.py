@@ -1,6 +1,7 @@
 """``kdengine repro snn_conv_fashion``: a spiking CNN trained through time with surrogate gradients
-on Fashion-MNIST, on kdengine's fused IF neuron (plain autograd and memory-light BPTT) and on
-SpikingJelly's ``IFNode`` in the same architecture, in the same run.
+on Fashion-MNIST, on kdengine's fused IF and parametric LIF neurons (plain autograd and
+memory-light BPTT) and on SpikingJelly's ``IFNode`` / ``ParametricLIFNode`` in the same architecture,
+in the same run.
 
 1. Data: :func:`kdengine.repro.common.fashion_split`: a fixed ``n_train`` subset of the official
    60k less 5k val (subset sizes fit a 10-minute budget on 2 cores), the 5k val and the official
@@ -39,23 +40,54 @@ from kdengine.train import evaluate, fit
 __all__ = ["entry", "ARMS", "FULL", "QUICK"]
 
 N_VAL, SPLIT_SEED = 5000, 0
-KD, LIGHT, SJ = "kdengine IF", "kdengine IF, memory-light", "SpikingJelly IFNode"
-ARMS = (KD, LIGHT, SJ)
+NEURONS = ("IF", "PLIF")
+SJ_NAMES = {"IF": "IFNode", "PLIF": "ParametricLIFNode"}
+
+
+def arm_names(neuron: str) -> tuple[str, str, str]:
+    """(kdengine plain, kdengine memory-light, SpikingJelly) arm labels of one neuron kind."""
+    return f"kdengine {neuron}", f"kdengine {neuron}, memory-light", f"SpikingJelly {SJ_NAMES[neuron]}"
+
+
+KD, LIGHT, SJ = arm_names("IF")
+ARMS = tuple(a for n in NEURONS for a in arm_names(n))
 FULL = dict(time_steps=4, channels=(8, 16), hidden=64, n_train=6000, epochs=2, batch_size=128, lr=2e-3,
             rss=True)
 QUICK = dict(FULL, time_steps=2, channels=(4, 8), hidden=32, n_train=512, epochs=1, rss=False)
 QUICK_SIZES = (10, 512, 300, 300)   # teacher_train (unused), student_train, val, test
 
 
+def _plif_factory() -> Callable[[], nn.Module]:
+    """kdengine's fused parametric LIF with SpikingJelly's ParametricLIFNode settings (init tau 2,
+    decay_input, threshold 1, hard reset to 0) and the ATan(2) surrogate of the IF arms."""
+    from kdengine.snn import ParametricLIFNeuron
+
+    return lambda: ParametricLIFNeuron(2.0, 1.0, 0.0, surrogate="atan", alpha=2.0)
+
+
+def _sj_plif_factory() -> Optional[Callable[[], nn.Module]]:
+    try:
+        from spikingjelly.activation_based import neuron, surrogate
+    except ImportError:
+        return None
+    return lambda: neuron.ParametricLIFNode(init_tau=2.0, v_threshold=1.0, v_reset=0.0,
+                                            surrogate_function=surrogate.ATan(alpha=2.0), detach_reset=False,
+                                            step_mode="m")
+
+
 def _arm_model(arm: str, cfg: dict, seed: int) -> Optional[nn.Module]:
+    neuron = next(n for n in NEURONS if arm in arm_names(n))
+    kd, light, sj = arm_names(neuron)
     factory: Optional[Callable[[], nn.Module]] = None
-    if arm == SJ:
-        factory = spikingjelly_if_factory()
+    if arm == sj:
+        factory = spikingjelly_if_factory() if neuron == "IF" else _sj_plif_factory()
         if factory is None:
             return None
+    elif neuron == "PLIF":
+        factory = _plif_factory()
     torch.manual_seed(seed)
     return ConvSNN(factory, channels=cfg["channels"], hidden=cfg["hidden"], time_steps=cfg["time_steps"],
-                   memory_light=arm == LIGHT)
+                   memory_light=arm == light)
 
 
 def _memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -91,17 +123,19 @@ def _seed_run(seed: int, parts: dict, cfg: dict, log) -> tuple[list[dict], dict]
             f"autograd keeps {row['saved_MB']} MiB per batch")
         rows.append(row)
         trained[arm] = model
-    same = None
-    if KD in trained and LIGHT in trained:
-        same = all(torch.equal(a, b) for a, b in zip(trained[KD].state_dict().values(),
-                                                     trained[LIGHT].state_dict().values()))
+    same = {}
+    for neuron in NEURONS:
+        kd, light, _ = arm_names(neuron)
+        if kd in trained and light in trained:
+            same[neuron] = all(torch.equal(a, b) for a, b in zip(trained[kd].state_dict().values(),
+                                                                 trained[light].state_dict().values()))
     return rows, {"memory_light_weights_equal_plain": same}
 
 
 def _rss(cfg: dict, arms: list[str], log) -> dict[str, Optional[float]]:
     impl = {KD: "plain", LIGHT: "light", SJ: "spikingjelly"}
     out = {}
-    for arm in arms:
+    for arm in (a for a in arms if a in impl):   # the IF arms: the child builds IF nets
         log(f"peak RSS of one training step, {arm} (fresh process)")
         b = peak_rss_bytes(impl[arm], cfg["time_steps"], cfg["batch_size"], cfg["channels"], cfg["hidden"])
         out[arm] = None if b is None else _r(b / 2**20, 1)
@@ -117,28 +151,30 @@ def _notes(rows: list[dict], extra: dict) -> list[str]:
     def mean(arm: str, k: str) -> float:
         return statistics.mean(r[k] for r in by[arm])
 
-    if KD in by and SJ in by:
-        notes.append(f"time per training epoch: {KD} {mean(KD, 'epoch_s'):.1f} s, {SJ} {mean(SJ, 'epoch_s'):.1f} s "
-                     f"(SpikingJelly / kdengine = {mean(SJ, 'epoch_s') / mean(KD, 'epoch_s'):.2f}x; wall time on a "
-                     "shared machine)")
-    if KD in by and LIGHT in by:
-        ratio = mean(LIGHT, 'epoch_s') / mean(KD, 'epoch_s')
-        notes.append(f"memory-light BPTT: {mean(LIGHT, 'epoch_s'):.1f} s per epoch ({ratio:.2f}x the plain arm: "
-                     "one more forward per block in the backward); autograd keeps "
-                     f"{mean(LIGHT, 'saved_MB'):.2f} MiB per batch vs {mean(KD, 'saved_MB'):.2f} MiB "
-                     f"({mean(KD, 'saved_MB') / mean(LIGHT, 'saved_MB'):.0f}x less)")
-        eq = [e["memory_light_weights_equal_plain"] for e in extra.values()]
-        notes.append("memory-light training ends with weights bit-identical to plain training on every seed: "
-                     f"{'yes' if all(eq) else 'NO'} ({sum(bool(e) for e in eq)}/{len(eq)} seeds)")
+    for neuron in NEURONS:
+        kd, light, sj = arm_names(neuron)
+        if kd in by and sj in by:
+            notes.append(f"time per training epoch: {kd} {mean(kd, 'epoch_s'):.1f} s, {sj} {mean(sj, 'epoch_s'):.1f} "
+                         f"s (SpikingJelly / kdengine = {mean(sj, 'epoch_s') / mean(kd, 'epoch_s'):.2f}x)")
+        if kd in by and light in by:
+            ratio = mean(light, 'epoch_s') / mean(kd, 'epoch_s')
+            notes.append(f"{neuron} memory-light BPTT: {mean(light, 'epoch_s'):.1f} s per epoch ({ratio:.2f}x the "
+                         "plain arm: one more forward per block in the backward); autograd keeps "
+                         f"{mean(light, 'saved_MB'):.2f} MiB per batch vs {mean(kd, 'saved_MB'):.2f} MiB "
+                         f"({mean(kd, 'saved_MB') / mean(light, 'saved_MB'):.0f}x less)")
+            eq = [e["memory_light_weights_equal_plain"].get(neuron) for e in extra.values()]
+            notes.append(f"{neuron} memory-light training ends with weights bit-identical to plain training on every "
+                         f"seed: {'yes' if all(eq) else 'NO'} ({sum(bool(e) for e in eq)}/{len(eq)} seeds)")
     for arm in by:
         notes.append(f"{arm}: test accuracy {100 * mean(arm, 'test_acc'):.2f} % "
                      f"(val {100 * mean(arm, 'val_acc'):.2f} %)")
     return notes
 
 
-@register("snn_conv_fashion", "spiking CNN trained with surrogate gradients on Fashion-MNIST: kdengine's fused IF "
-                              "(plain and memory-light BPTT) vs SpikingJelly's IFNode, time per epoch, accuracy, "
-                              "memory", minutes=7, quick_minutes=0.5, seeds=(0,), threads=2)
+@register("snn_conv_fashion", "spiking CNN trained with surrogate gradients on Fashion-MNIST: kdengine's fused IF and "
+                              "parametric LIF (plain and memory-light BPTT) vs SpikingJelly's IFNode / "
+                              "ParametricLIFNode, time per epoch, accuracy, memory",
+          minutes=9, quick_minutes=0.5, seeds=(0,), threads=2)
 def entry(args: ReproArgs) -> dict:
     log = print
     cfg = QUICK if args.quick else FULL
@@ -162,10 +198,14 @@ def entry(args: ReproArgs) -> dict:
     metrics = ["test_acc", "val_acc", "epoch_s", "saved_MB"] + (["peak_rss_MB"] if rss else [])
     labels = {"test_acc": "test acc", "val_acc": "val acc", "epoch_s": "s / epoch",
               "saved_MB": "MiB kept for backward", "peak_rss_MB": "peak RSS growth (MiB)"}
-    setup = {**cfg, "neuron": "IF, threshold 1, hard reset to 0, ATan(alpha=2), reset attached",
+    setup = {**cfg, "neurons": "IF and parametric LIF (init tau 2, 1/tau = sigmoid(w) learned, decay_input), "
+                               "threshold 1, hard reset to 0, ATan(alpha=2), reset attached",
+             "peak_rss": "measured for the IF arms only (fresh child process per arm)",
              "optimizer": "Adam, cosine per epoch", "threads": torch.get_num_threads(),
              "memory_light_weights_equal_plain": {str(s): e["memory_light_weights_equal_plain"]
                                                   for s, e in extra.items()}}
+    if rss:
+        notes.append("peak RSS was measured for the IF arms only (the PLIF arms keep the same tensors per block)")
     res = write_results(
         "snn_conv_fashion", rows, args.out_dir,
         title="Spiking CNN on Fashion-MNIST through kdengine's kernels vs SpikingJelly (kdengine repro "
