@@ -39,8 +39,10 @@
 // not depend on the number of threads.
 //
 // Vector code: vec_math.h (GCC vector types, exp/log/expm1/log1p that keep NaN and inf). The row
-// kernel is compiled twice, portable and with target("avx2,fma"); the AVX2 one is chosen at run
-// time where the CPU has it.
+// kernel is compiled three times: portable (8 floats per vector, SSE2 pairs), target("avx2,fma")
+// (8 floats) and AVX-512 (16 floats: half the instructions per element for the exps, which bound
+// the kernel once the row is in L1/L2); common/cpu_isa.h picks one per call. The three differ in
+// the order of the float block sums (and FMA contraction), so they agree to rounding, not bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -71,6 +73,7 @@ using kdvec::load;
 using kdvec::store;
 using kdvec::Traits;
 using kdvec::v4d;
+using kdvec::v16f;
 using kdvec::v8f;
 
 #define KD_INLINE inline __attribute__((always_inline))
@@ -289,6 +292,13 @@ KD_INLINE void acc_wx(v4d& aw, v4d& awx, v8f w, v8f x) {
   acc_wx(aw, awx, w0, x0);
   acc_wx(aw, awx, w1, x1);
 }
+KD_INLINE void acc_wx(v4d& aw, v4d& awx, v16f w, v16f x) {  // 16-wide: two 8-float halves
+  v8f w0, w1, x0, x1;
+  kdvec::halves(w, w0, w1);
+  kdvec::halves(x, x0, x1);
+  acc_wx(aw, awx, w0, x0);
+  acc_wx(aw, awx, w1, x1);
+}
 KD_INLINE void acc_wlr(v4d& aw, v4d& awx, v4d w, v4d s, v4d t, const LogRatioD& L) {
   acc_wx(aw, awx, w, L(s, t));
 }
@@ -300,6 +310,14 @@ KD_INLINE void acc_wlr(v4d& aw, v4d& awx, v8f w, v8f s, v8f t, const LogRatioD& 
   acc_wx(aw, awx, w0, L(s0, t0));
   acc_wx(aw, awx, w1, L(s1, t1));
 }
+KD_INLINE void acc_wlr(v4d& aw, v4d& awx, v16f w, v16f s, v16f t, const LogRatioD& L) {
+  v8f w0, w1, s0, s1, t0, t1;
+  kdvec::halves(w, w0, w1);
+  kdvec::halves(s, s0, s1);
+  kdvec::halves(t, t0, t1);
+  acc_wlr(aw, awx, w0, s0, t0, L);
+  acc_wlr(aw, awx, w1, s1, t1, L);
+}
 // lr - C and x - C, formed in double and rounded once to the element type.
 KD_INLINE v4d lr_minus(v4d s, v4d t, double C, const LogRatioD& L) { return L(s, t) - C; }
 KD_INLINE v8f lr_minus(v8f s, v8f t, double C, const LogRatioD& L) {
@@ -308,11 +326,22 @@ KD_INLINE v8f lr_minus(v8f s, v8f t, double C, const LogRatioD& L) {
   kdvec::widen(t, t0, t1);
   return kdvec::narrow(L(s0, t0) - C, L(s1, t1) - C);
 }
+KD_INLINE v16f lr_minus(v16f s, v16f t, double C, const LogRatioD& L) {
+  v8f s0, s1, t0, t1;
+  kdvec::halves(s, s0, s1);
+  kdvec::halves(t, t0, t1);
+  return kdvec::join(lr_minus(s0, t0, C, L), lr_minus(s1, t1, C, L));
+}
 KD_INLINE v4d minus_d(v4d x, double C) { return x - C; }
 KD_INLINE v8f minus_d(v8f x, double C) {
   v4d x0, x1;
   kdvec::widen(x, x0, x1);
   return kdvec::narrow(x0 - C, x1 - C);
+}
+KD_INLINE v16f minus_d(v16f x, double C) {
+  v8f x0, x1;
+  kdvec::halves(x, x0, x1);
+  return kdvec::join(minus_d(x0, C), minus_d(x1, C));
 }
 
 // log p_i - log q_i in float (for k = cF). Default: on the shifted logits, (t - mt)/T - (s - ms)/T
@@ -581,7 +610,8 @@ KD_INLINE double kd_row(const RowIO<typename Traits<VT>::E>& io_in, int64_t y,
   }
 }
 
-// Out-of-line instances of the row kernel: float (portable and AVX2+FMA) and double.
+// Out-of-line instances of the row kernel: float (portable, AVX2+FMA with 8-float vectors,
+// AVX-512 with 16-float vectors) and double.
 using RowFnF = double (*)(const RowIO<float>&, int64_t, const RowArgs&);
 
 __attribute__((noinline)) double row_f32_portable(const RowIO<float>& io, int64_t y,
@@ -595,16 +625,22 @@ __attribute__((noinline, target("avx2,fma"))) double row_f32_avx2(const RowIO<fl
                                                                    int64_t y, const RowArgs& a) {
   return kd_row<v8f>(io, y, a);
 }
+__attribute__((noinline)) KD_TARGET_AVX512_FLOAT double row_f32_avx512(const RowIO<float>& io,
+                                                                        int64_t y, const RowArgs& a) {
+  return kd_row<v16f>(io, y, a);
+}
 #endif
 
 __attribute__((noinline)) double row_f64(const RowIO<double>& io, int64_t y, const RowArgs& a) {
   return kd_row<v4d>(io, y, a);
 }
 
-// The AVX2+FMA build where common/cpu_isa.h allows it.
+// The build that common/cpu_isa.h picks for the float kernels.
 RowFnF pick_row_f32() {
 #ifdef KD_HAVE_AVX2_BUILD
-  if (kdengine::use_avx2_fma()) return &row_f32_avx2;
+  const int64_t isa = kdengine::cpu_isa(kdengine::kFloat);
+  if (isa >= kdengine::kIsaAvx512) return &row_f32_avx512;
+  if (isa >= kdengine::kIsaAvx2) return &row_f32_avx2;
 #endif
   return &row_f32_portable;
 }
