@@ -22,6 +22,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from kdengine import _cpu_isa
+
 __all__ = [
     "ISA_PORTABLE",
     "ISA_POPCNT",
@@ -41,7 +43,6 @@ __all__ = [
 
 ISA_PORTABLE, ISA_POPCNT, ISA_AVX2, ISA_AVX512 = 0, 1, 2, 3
 ISA_NAMES = {ISA_PORTABLE: "portable", ISA_POPCNT: "popcnt", ISA_AVX2: "avx2", ISA_AVX512: "avx512"}
-_FAMILY = {"binary": 0, "float": 1}  # common/cpu_isa.h's IsaFamily
 
 
 def _cpu():
@@ -78,36 +79,24 @@ def set_float_isa(isa: int) -> int:
     """Run the C++ float kernels (kd_loss, topk_kd, if_multistep) with ``isa`` (0 portable,
     2 AVX2+FMA, 3 AVX-512; -1 automatic); returns the previous setting. Raises ValueError when
     this CPU lacks the instruction set (and for 1: these kernels have no POPCNT build)."""
-    return int(_cpu().cpu_force_isa(_FAMILY["float"], isa))
+    return int(_cpu().cpu_force_isa(_cpu_isa.FAMILIES["float"], isa))
 
 
 def float_isa(isa: int) -> contextlib.AbstractContextManager:
     return _setting(set_float_isa, isa)
 
 
-def _isas(family: str) -> list[int]:
-    cpu = _cpu()
-    return [i for i in ISA_NAMES if cpu.cpu_has_isa(_FAMILY[family], i)]
-
-
 def binary_isas() -> list[int]:
     """The levels of the binary kernels this CPU can run, in increasing order."""
-    return _isas("binary")
+    return _cpu_isa.isas("binary")
 
 
 def float_isas() -> list[int]:
     """The levels of the float kernels this CPU can run, in increasing order."""
-    return _isas("float")
+    return _cpu_isa.isas("float")
 
 
-def isa_in_use(family: str) -> tuple[int, str]:
-    """``(level, name)`` that the ``family`` (``"binary"`` or ``"float"``) kernels run now, e.g.
-    ``(3, "avx512-vpopcntdq")``: the forced level, the portable one under ``KDENGINE_CPU_PORTABLE``,
-    or the best of this CPU."""
-    cpu = _cpu()
-    fam = _FAMILY[family]
-    level = int(cpu.cpu_isa(fam))
-    return level, str(cpu.cpu_isa_name(fam, level))
+isa_in_use = _cpu_isa.isa_in_use
 
 
 def set_binary_lut_min(rows: int, cols: int) -> tuple[int, int]:

@@ -53,6 +53,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -610,9 +611,81 @@ KD_INLINE double kd_row(const RowIO<typename Traits<VT>::E>& io_in, int64_t y,
   }
 }
 
+// bf16 rows to float and back, W lanes at a time: widening is a 16-bit shift; narrowing rounds to
+// nearest even exactly as c10::BFloat16 does (NaN -> 0x7fc0), so every build stores the same bits.
+template <int W>
+struct Bf16Vec;
+template <>
+struct Bf16Vec<8> {
+  typedef uint16_t vh __attribute__((vector_size(16)));
+  typedef kdvec::v8u vu;
+  typedef kdvec::v8i vi;
+  typedef kdvec::v8f vf;
+};
+template <>
+struct Bf16Vec<16> {
+  typedef uint16_t vh __attribute__((vector_size(32)));
+  typedef kdvec::v16u vu;
+  typedef kdvec::v16i vi;
+  typedef kdvec::v16f vf;
+};
+
+template <int W>
+KD_INLINE void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
+  using vh = typename Bf16Vec<W>::vh;
+  using vu = typename Bf16Vec<W>::vu;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    vh h;
+    std::memcpy(&h, src + i, sizeof(h));
+    const vu u = __builtin_convertvector(h, vu) << 16;
+    std::memcpy(dst + i, &u, sizeof(u));
+  }
+  for (; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(dst + i, &u, sizeof(u));
+  }
+}
+KD_INLINE uint16_t narrow_bf16_one(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  if (x != x) return 0x7fc0;
+  return static_cast<uint16_t>((u + (((u >> 16) & 1u) + 0x7fffu)) >> 16);
+}
+template <int W>
+KD_INLINE void narrow_bf16(const float* src, uint16_t* dst, int64_t n) {
+  using vf = typename Bf16Vec<W>::vf;
+  using vh = typename Bf16Vec<W>::vh;
+  using vu = typename Bf16Vec<W>::vu;
+  using vi = typename Bf16Vec<W>::vi;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    vf x;
+    std::memcpy(&x, src + i, sizeof(x));
+    vu u;
+    std::memcpy(&u, &x, sizeof(u));
+    const vu r = (u + (((u >> 16) & 1u) + 0x7fffu)) >> 16;
+    const vi nan = x != x;
+    const vu out = nan ? vu{} + 0x7fc0u : r;
+    const vh h = __builtin_convertvector(out, vh);
+    std::memcpy(dst + i, &h, sizeof(h));
+  }
+  for (; i < n; ++i) dst[i] = narrow_bf16_one(src[i]);
+}
+
 // Out-of-line instances of the row kernel: float (portable, AVX2+FMA with 8-float vectors,
-// AVX-512 with 16-float vectors) and double.
+// AVX-512 with 16-float vectors) and double; and of the bf16 conversions per build.
 using RowFnF = double (*)(const RowIO<float>&, int64_t, const RowArgs&);
+using WidenFn = void (*)(const uint16_t*, float*, int64_t);
+using NarrowFn = void (*)(const float*, uint16_t*, int64_t);
+struct RowFns {
+  RowFnF row;
+  WidenFn widen;
+  NarrowFn narrow;
+};
+
+__attribute__((noinline)) void widen_portable(const uint16_t* s, float* d, int64_t n) { widen_bf16<8>(s, d, n); }
+__attribute__((noinline)) void narrow_portable(const float* s, uint16_t* d, int64_t n) { narrow_bf16<8>(s, d, n); }
 
 __attribute__((noinline)) double row_f32_portable(const RowIO<float>& io, int64_t y,
                                                   const RowArgs& a) {
@@ -629,6 +702,18 @@ __attribute__((noinline)) KD_TARGET_AVX512_FLOAT double row_f32_avx512(const Row
                                                                         int64_t y, const RowArgs& a) {
   return kd_row<v16f>(io, y, a);
 }
+__attribute__((noinline, target("avx2,fma"))) void widen_avx2(const uint16_t* s, float* d, int64_t n) {
+  widen_bf16<8>(s, d, n);
+}
+__attribute__((noinline, target("avx2,fma"))) void narrow_avx2(const float* s, uint16_t* d, int64_t n) {
+  narrow_bf16<8>(s, d, n);
+}
+__attribute__((noinline)) KD_TARGET_AVX512_FLOAT void widen_avx512(const uint16_t* s, float* d, int64_t n) {
+  widen_bf16<16>(s, d, n);
+}
+__attribute__((noinline)) KD_TARGET_AVX512_FLOAT void narrow_avx512(const float* s, uint16_t* d, int64_t n) {
+  narrow_bf16<16>(s, d, n);
+}
 #endif
 
 __attribute__((noinline)) double row_f64(const RowIO<double>& io, int64_t y, const RowArgs& a) {
@@ -636,13 +721,13 @@ __attribute__((noinline)) double row_f64(const RowIO<double>& io, int64_t y, con
 }
 
 // The build that common/cpu_isa.h picks for the float kernels.
-RowFnF pick_row_f32() {
+RowFns pick_row_fns() {
 #ifdef KD_HAVE_AVX2_BUILD
   const int64_t isa = kdengine::cpu_isa(kdengine::kFloat);
-  if (isa >= kdengine::kIsaAvx512) return &row_f32_avx512;
-  if (isa >= kdengine::kIsaAvx2) return &row_f32_avx2;
+  if (isa >= kdengine::kIsaAvx512) return {&row_f32_avx512, &widen_avx512, &narrow_avx512};
+  if (isa >= kdengine::kIsaAvx2) return {&row_f32_avx2, &widen_avx2, &narrow_avx2};
 #endif
-  return &row_f32_portable;
+  return {&row_f32_portable, &widen_portable, &narrow_portable};
 }
 
 template <class IN>
@@ -658,7 +743,7 @@ struct MathOf<double> {
 // [0, V) (with the CE term on) gives a NaN row.
 template <class IN>
 void run_rows(const IN* s, const IN* t, const int64_t* lab, IN* gs, IN* gt, double* row_loss,
-              int64_t b, int64_t e, int64_t ignore_index, const RowArgs& A, RowFnF fnf) {
+              int64_t b, int64_t e, int64_t ignore_index, const RowArgs& A, const RowFns& fns) {
   using E = typename MathOf<IN>::type;
   constexpr bool kWiden = !std::is_same<IN, E>::value;  // bf16 / fp16: widen rows to float
   const int64_t V = A.V;
@@ -695,7 +780,14 @@ void run_rows(const IN* s, const IN* t, const int64_t* lab, IN* gs, IN* gt, doub
       }
     }
     RowIO<E> io;
-    if constexpr (kWiden) {
+    if constexpr (std::is_same<IN, c10::BFloat16>::value) {  // vector conversions of this build
+      fns.widen(reinterpret_cast<const uint16_t*>(sr), ws, V);
+      if (A.mode != M_CE_ONLY) fns.widen(reinterpret_cast<const uint16_t*>(tr), wt, V);
+      io.s = ws;
+      io.t = wt;
+      io.gs = wgs;
+      io.gt = gtr ? wgt : nullptr;
+    } else if constexpr (kWiden) {
       for (int64_t i = 0; i < V; ++i) ws[i] = static_cast<float>(sr[i]);
       if (A.mode != M_CE_ONLY)
         for (int64_t i = 0; i < V; ++i) wt[i] = static_cast<float>(tr[i]);
@@ -718,9 +810,12 @@ void run_rows(const IN* s, const IN* t, const int64_t* lab, IN* gs, IN* gt, doub
     if constexpr (std::is_same<E, double>::value) {
       loss = row_f64(io, y, A);
     } else {
-      loss = fnf(io, y, A);
+      loss = fns.row(io, y, A);
     }
-    if constexpr (kWiden) {  // the one rounding of the gradient
+    if constexpr (std::is_same<IN, c10::BFloat16>::value) {  // the one rounding of the gradient
+      fns.narrow(wgs, reinterpret_cast<uint16_t*>(gsr), V);
+      if (gtr) fns.narrow(wgt, reinterpret_cast<uint16_t*>(gtr), V);
+    } else if constexpr (kWiden) {  // the one rounding of the gradient
       for (int64_t i = 0; i < V; ++i) gsr[i] = static_cast<IN>(wgs[i]);
       if (gtr)
         for (int64_t i = 0; i < V; ++i) gtr[i] = static_cast<IN>(wgt[i]);
@@ -812,14 +907,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
   // Enough rows per task that a task is worth a thread (~64K elements).
   const int64_t grain = std::max<int64_t>(1, 65536 / V);
 
-  const RowFnF fnf = pick_row_f32();
+  const RowFns fns = pick_row_fns();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "kd_loss_fwd_cpu", [&] {
     const scalar_t* sp = s.data_ptr<scalar_t>();
     const scalar_t* tp = t.data_ptr<scalar_t>();
     scalar_t* gsp = gs.data_ptr<scalar_t>();
     scalar_t* gtp = need_teacher_grad ? gt.data_ptr<scalar_t>() : nullptr;
     kdengine::parallel_for_dynamic(0, N, grain, [&](int64_t b, int64_t e) {
-      run_rows<scalar_t>(sp, tp, lp, gsp, gtp, rl, b, e, ignore_index, A, fnf);
+      run_rows<scalar_t>(sp, tp, lp, gsp, gtp, rl, b, e, ignore_index, A, fns);
     });
   });
 
