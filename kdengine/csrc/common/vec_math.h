@@ -34,6 +34,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace kdvec {
 
 #define KDV_INLINE inline __attribute__((always_inline))
@@ -304,6 +308,26 @@ KDV_INLINE VF vlog1p(VF u) {
   res = dw == 0.0f ? u : res;
   return u == std::numeric_limits<float>::infinity() ? u : res;
 }
+
+#if defined(__x86_64__)
+// The same for 16 floats, selects through AVX-512 mask registers. GCC 12 evaluates selects whose
+// conditions it has merged (here dw == 0 twice, then u == inf) lane by lane for 512-bit vectors,
+// with scalar compares and branches (several times slower); explicit k-masks avoid that. Only
+// inlinable into functions compiled for AVX-512 (KD_TARGET_AVX512_FLOAT of cpu_isa.h); plain inline,
+// since the generic templates that call it are compiled for the default target first.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) inline v16f vlog1p(
+    v16f u) {
+  const v16f w = u + 1.0f;
+  const v16f lw = vlog(w);
+  const v16f dw = w - 1.0f;
+  const __mmask16 dw0 = _mm512_cmp_ps_mask((__m512)dw, _mm512_setzero_ps(), _CMP_EQ_OQ);
+  const __mmask16 uinf =
+      _mm512_cmp_ps_mask((__m512)u, _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
+  const v16f den = (v16f)_mm512_mask_blend_ps(dw0, (__m512)dw, _mm512_set1_ps(1.0f));
+  const v16f res = lw * (u / den);
+  return (v16f)_mm512_mask_blend_ps(dw0 | uinf, (__m512)res, (__m512)u);
+}
+#endif
 
 // ------------------------------------------------------------------------------------ double
 
