@@ -90,3 +90,27 @@ def test_maxpool_words(benchmark, impl):
     else:
         run = lambda: torch.nn.functional.max_pool2d(x, 2)  # noqa: E731
     benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
+
+
+def _binary_path_ids() -> list[str]:
+    from kdengine.bench.isa import _binary_paths
+
+    try:
+        return [p[0] for p in _binary_paths()]
+    except Exception:  # noqa: BLE001 - no C++ library: the module's skip mark reports why
+        return []
+
+
+@pytest.mark.parametrize("path", _binary_path_ids())
+def test_gemm_isa_paths(benchmark, path):
+    """xnor_matmul with each instruction-set path this CPU has forced (portable, popcnt, avx2
+    panels, avx2 table lookup, avx512-vpopcntdq), side by side in one group."""
+    from kdengine.bench.isa import _binary_paths, _forced
+
+    _, isa, lut = next(p for p in _binary_paths() if p[0] == path)
+    g = torch.Generator().manual_seed(0)
+    a, b = pack_signs(torch.randn(M, K, generator=g)), pack_signs(torch.randn(N, K, generator=g))
+    benchmark.group = f"xnor_matmul {M}x{N}x{K} per forced CPU path"
+    with _forced("binary", isa, lut):
+        benchmark.pedantic(lambda: xnor_matmul(a, b, backend="cpu"), rounds=1 if isa == 0 else 5,
+                           iterations=1, warmup_rounds=1)

@@ -20,10 +20,21 @@ def _native_state(kind: str) -> str:
             "`kdengine build` does it ahead")
 
 
+def _cpu_paths() -> dict[str, str]:
+    """family -> name of the instruction-set path the C++ kernels take now ({} without them)."""
+    from kdengine import _cpu_isa
+
+    try:
+        return {fam: _cpu_isa.isa_in_use(fam)[1] for fam in _cpu_isa.FAMILIES}
+    except Exception:  # noqa: BLE001 - no C++ library here: the table says why
+        return {}
+
+
 def _doctor(args: argparse.Namespace) -> int:
     import torch
 
     import kdengine
+    from kdengine import _cpu_isa
     from kdengine.bench.machine import machine_info
 
     info = machine_info()
@@ -36,10 +47,17 @@ def _doctor(args: argparse.Namespace) -> int:
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     picks = {(op, d): kdengine._dispatch.resolve(op, torch.device(d), "auto")
              for op in report for d in devices}
+    paths = _cpu_paths()
+    if paths:
+        print("cpu kernel paths: " + ", ".join(f"{fam} ops {name}" for fam, name in paths.items())
+              + " (KDENGINE_CPU_PORTABLE=1 forces portable)")
     rows = []
     for op, entries in report.items():
         for name, e in entries.items():
             auto = ",".join(d for d in devices if picks[(op, d)] == name)
+            family = _cpu_isa.family_of(kdengine._dispatch._NATIVE_OPS.get((op, name), ()))
+            if name == "cpu" and e["available"] and family in paths:
+                name = f"cpu ({paths[family]})"
             reason = " ".join(str(e["reason"]).split())
             if len(reason) > 200 and not args.verbose:
                 reason = reason[:197] + "..."

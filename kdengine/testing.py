@@ -4,7 +4,12 @@ Each knob forces a code path that the kernels would otherwise pick from the size
 that the tests reach every path on any machine. The knobs are process-wide (every thread sees a
 change at its next call), and each one is a context manager that restores the previous setting.
 
-* :func:`binary_isa` forces the instruction set of the C++ binary kernels (portable, POPCNT, AVX2).
+* :func:`binary_isa` forces the instruction set of the C++ binary kernels (portable, POPCNT, AVX2,
+  AVX-512 VPOPCNTDQ); :func:`float_isa` that of the C++ float kernels (kd_loss, topk_kd and
+  if_multistep: portable, AVX2+FMA, AVX-512). :func:`binary_isas` / :func:`float_isas` list the
+  levels this CPU has, for parametrizing tests over every path. Forcing a level the CPU lacks
+  raises ValueError. Without a forced level the kernels take the best one of the CPU, or the
+  portable code everywhere while ``KDENGINE_CPU_PORTABLE`` is set (to anything but "" or "0").
 * :func:`binary_lut_min` / :func:`binary_split_b_rows` move the size thresholds of the AVX2 GEMM
   paths (table lookup; packed B panels).
 * :func:`triton_kd_block` forces the chunk width of the Triton kd_loss kernel.
@@ -17,18 +22,27 @@ from typing import Iterator, Optional
 
 import torch
 
+from kdengine import _cpu_isa
+
 __all__ = [
     "ISA_PORTABLE",
     "ISA_POPCNT",
     "ISA_AVX2",
+    "ISA_AVX512",
+    "ISA_NAMES",
     "binary_isa",
+    "binary_isas",
+    "float_isa",
+    "float_isas",
+    "isa_in_use",
     "binary_lut_min",
     "binary_split_b_rows",
     "triton_kd_block",
     "parallel_probe",
 ]
 
-ISA_PORTABLE, ISA_POPCNT, ISA_AVX2 = 0, 1, 2
+ISA_PORTABLE, ISA_POPCNT, ISA_AVX2, ISA_AVX512 = 0, 1, 2, 3
+ISA_NAMES = {ISA_PORTABLE: "portable", ISA_POPCNT: "popcnt", ISA_AVX2: "avx2", ISA_AVX512: "avx512"}
 
 
 def _cpu():
@@ -51,13 +65,38 @@ def _setting(setter, *value) -> Iterator[None]:
 
 
 def set_binary_isa(isa: int) -> int:
-    """Run the C++ binary kernels with ``isa`` (0 portable, 1 POPCNT, 2 AVX2; -1 the best one);
-    returns the previous setting. Raises ValueError when this CPU lacks the instruction set."""
+    """Run the C++ binary kernels with ``isa`` (0 portable, 1 POPCNT, 2 AVX2, 3 AVX-512
+    VPOPCNTDQ; -1 automatic); returns the previous setting. Raises ValueError when this CPU lacks
+    the instruction set."""
     return int(_cpu().binary_force_isa(isa))
 
 
 def binary_isa(isa: int) -> contextlib.AbstractContextManager:
     return _setting(set_binary_isa, isa)
+
+
+def set_float_isa(isa: int) -> int:
+    """Run the C++ float kernels (kd_loss, topk_kd, if_multistep) with ``isa`` (0 portable,
+    2 AVX2+FMA, 3 AVX-512; -1 automatic); returns the previous setting. Raises ValueError when
+    this CPU lacks the instruction set (and for 1: these kernels have no POPCNT build)."""
+    return int(_cpu().cpu_force_isa(_cpu_isa.FAMILIES["float"], isa))
+
+
+def float_isa(isa: int) -> contextlib.AbstractContextManager:
+    return _setting(set_float_isa, isa)
+
+
+def binary_isas() -> list[int]:
+    """The levels of the binary kernels this CPU can run, in increasing order."""
+    return _cpu_isa.isas("binary")
+
+
+def float_isas() -> list[int]:
+    """The levels of the float kernels this CPU can run, in increasing order."""
+    return _cpu_isa.isas("float")
+
+
+isa_in_use = _cpu_isa.isa_in_use
 
 
 def set_binary_lut_min(rows: int, cols: int) -> tuple[int, int]:

@@ -24,3 +24,17 @@ def seed(request) -> int:
     request.node.user_properties.append(("seed", s))
     print(f"seed={s}")
     return s
+
+
+@pytest.fixture(params=[0, 2, 3], ids=["portable", "avx2", "avx512"])
+def cpu_float_path(request) -> int:
+    """Forces each instruction-set path of the C++ float kernels (kd_loss, topk_kd, if_multistep)
+    for the test, skipping the ones this CPU lacks (kdengine.testing.float_isa)."""
+    from kdengine import testing
+
+    try:
+        old = testing.set_float_isa(request.param)
+    except ValueError as exc:
+        pytest.skip(f"this CPU lacks the path: {exc}")
+    yield request.param
+    testing.set_float_isa(old)

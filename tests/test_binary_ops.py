@@ -190,18 +190,23 @@ def _check_native_gemm(ops, isa, mode, mnk, seed):
 @cpu_only
 @pytest.mark.parametrize(
     "isa,split_b_rows,lut_min",
-    [(0, None, None), (1, None, None), (2, 1, 1 << 40), (2, 1 << 40, 1 << 40), (2, 1 << 40, 1)],
-    ids=["portable", "popcnt", "avx2-panels", "avx2-rawB", "avx2-lut"],
+    [(0, None, None), (1, None, None), (2, 1, 1 << 40), (2, 1 << 40, 1 << 40), (2, 1 << 40, 1),
+     (3, 1, 1 << 40), (3, 1 << 40, 1 << 40)],
+    ids=["portable", "popcnt", "avx2-panels", "avx2-rawB", "avx2-lut", "avx512-panels", "avx512-rawB"],
 )
 @pytest.mark.parametrize("mode", [0, 1], ids=["xnor", "spike"])
 @pytest.mark.parametrize(
-    "mnk", [(70, 131, 75), (3, 5, 2 * 8192 + 40), (1, 257, 4096 + 7), (130, 520, 1800 + 3)], ids=str
+    "mnk", [(70, 131, 75), (3, 5, 2 * 8192 + 40), (1, 257, 4096 + 7), (130, 520, 1800 + 3),
+            (101, 1, 509), (7, 97, 1021), (193, 37, 512 + 31)], ids=str
 )
 def test_cpu_every_isa_and_blocking_path(isa, split_b_rows, lut_min, mode, mnk, seed):
     """Each code path of csrc/binary/xnor*.cpp (portable, POPCNT, AVX2 with packed panels of both
-    operands, with raw B rows, or the table-lookup GEMM of xnor_lut.cpp, forced whatever M and N
-    are), with edge tiles, several tasks (M > 64, N > 128 and > 256) and several K blocks
-    (K > 7936 bits; > 56 words for the lookup path) with a partial last vector."""
+    operands, with raw B rows, or the table-lookup GEMM of xnor_lut.cpp; AVX-512 VPOPCNTDQ with B
+    transposed into 32-row panels or with raw B rows; forced whatever M and N are; skipped where
+    the CPU lacks the instruction set), with edge tiles, several tasks (M > 64 and > 96, N > 128
+    and > 256), N = 1, primes, K not a multiple of 64 or 512 bits, an odd word count, and several
+    K blocks (K > 7936 bits; > 56 words for the lookup path) with a partial last vector. Every
+    path must give the exact integer product, so they are bit-identical to each other too."""
     from kdengine import _native
 
     ops = _native.ops("cpu")
@@ -236,6 +241,29 @@ def test_cpu_lut_gemm_16bit_superblocks(mode, seed):
         out = ops.binary_gemm(pa.bits, pb.bits, k, mode)
     assert torch.equal(out, expected)
     assert abs(int(out[0, 0])) == k
+
+
+@cpu_only
+@pytest.mark.parametrize("isa", [0, 1, 2, 3], ids=["portable", "popcnt", "avx2", "avx512"])
+def test_cpu_ops_through_every_isa(isa, seed):
+    """binary_linear (batch 1 and 40 rows), spike_matmul and binary_conv2d with each instruction
+    set forced (skipped where the CPU lacks it) give the exact integer results of the definition."""
+    k, n = 509, 67
+    w = _randn(n, k)
+    wp = pack_signs(w)
+    scale = torch.rand(n) + 0.5
+    s = (torch.rand(40, k) < 0.3).float()
+    xc, wc = _randn(2, 5, 7, 9), _randn(33, 5, 3, 3)
+    with _isa_or_skip(isa):
+        for rows in (1, 40):
+            x = _randn(rows, k)
+            y = binary_linear(x, wp, scale, backend="cpu")
+            exact = torch.round(_pm1(x) @ _pm1(w).T)
+            assert torch.equal(y, (exact.float() * scale).float()), f"rows={rows} seed={seed}"
+        out = spike_matmul(pack_spikes(s), wp, backend="cpu")
+        assert torch.equal(out, torch.round(s.double() @ _pm1(w).T).to(out.dtype))
+        yc = binary_conv2d(xc, pack_signs(wc.flatten(1)), 3, padding=1, backend="cpu")
+        assert torch.equal(yc, torch.round(F.conv2d(_pm1(xc), _pm1(wc), padding=1)).float())
 
 
 # --------------------------------------------------------------------------- binary linear

@@ -74,3 +74,43 @@ def test_doctor_prints_one_table(capsys):
     assert "C++ kernels:" in out
     # one row per (op, backend): the op names appear once each, in the first column
     assert out.count("kd_loss ") == 1
+
+
+def _row_backend(out: str, op: str) -> str:
+    """The backend column of ``op``'s cpu row in the doctor table."""
+    lines = out.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith(op + " "))
+    for line in lines[i:]:
+        if line.startswith(op + " ") or line.startswith(" "):
+            cells = line[len(op):].split() if line.startswith(op + " ") else line.split()
+            if cells and cells[0] == "cpu":
+                return " ".join(cells[:2])
+        else:
+            break
+    raise AssertionError(f"no cpu row for {op}")
+
+
+def test_doctor_names_the_cpu_path_of_each_op(capsys):
+    """The CPU's features, and for each op's cpu backend the instruction-set path it runs now,
+    which follows the test knobs (so it is read from the library, not from /proc/cpuinfo)."""
+    import pytest
+
+    from kdengine import _dispatch, testing
+
+    if not _dispatch.backend_availability("cpu", "cpu").available:
+        pytest.skip("the C++ kernels are not built here")
+    main(["doctor"])
+    out = capsys.readouterr().out
+    binary = testing.isa_in_use("binary")[1]
+    floats = testing.isa_in_use("float")[1]
+    assert f"binary ops {binary}" in out and f"float ops {floats}" in out
+    assert _row_backend(out, "xnor_matmul") == f"cpu ({binary})"
+    assert _row_backend(out, "kd_loss") == f"cpu ({floats})"
+    with testing.float_isa(testing.ISA_PORTABLE), testing.binary_isa(testing.ISA_PORTABLE):
+        main(["doctor"])
+    out = capsys.readouterr().out
+    assert _row_backend(out, "kd_loss") == "cpu (portable)"
+    assert _row_backend(out, "if_multistep") == "cpu (portable)"
+    assert _row_backend(out, "xnor_matmul") == "cpu (portable)"
+    cpu_line = next(line for line in out.splitlines() if line.startswith("cpu: "))
+    assert ("avx2" in cpu_line) == (testing.ISA_AVX2 in testing.float_isas())  # the CPU's features

@@ -15,7 +15,7 @@ from pathlib import Path
 
 __all__ = ["SUITES", "DEFAULT_OUT", "add_arguments", "run_from_args", "run_suites"]
 
-SUITES = ("kd", "binary", "spiking", "snn_memory", "infer", "llm")
+SUITES = ("kd", "binary", "spiking", "snn_memory", "infer", "llm", "isa")
 DEFAULT_OUT = "bench-results/kdengine-bench.json"
 RECORD_OUT = "benches/results/bench_cpu.json"
 
@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="a suite to run; repeat for several (default: all). kd: KD loss; binary: XNOR/AND "
                    "popcount ops; spiking: multi-step IF, LIF and parametric LIF neurons; snn_memory: spiking-CNN "
                    "training memory vs T, memory-light BPTT vs plain autograd; infer: batch-1 packed-model latency; "
-                   "llm: fused linear + KD at LLM-head sizes (slow)")
+                   "llm: fused linear + KD at LLM-head sizes (slow); isa: the C++ CPU kernels' instruction-set "
+                   "paths side by side (xnor_matmul, kd_loss GB/s vs copy)")
     p.add_argument("--no-compile", action="store_true",
                    help="skip the torch.compile baselines (they compile on first use)")
     p.add_argument("--out", default=None,

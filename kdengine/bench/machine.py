@@ -19,13 +19,18 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# The features the C++ kernels choose their paths by (csrc/common/cpu_isa.h), as /proc/cpuinfo names them.
+_FEATURES = ("popcnt", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vpopcntdq",
+             "avx512_bitalg", "avx512_vnni", "avx512_bf16")
+
+
 def _flags() -> list[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
                     have = set(line.split(":", 1)[1].split())
-                    return [x for x in ("avx2", "fma", "avx512f", "avx512_vpopcntdq") if x in have]
+                    return [x for x in _FEATURES if x in have]
     except OSError:
         pass
     return []

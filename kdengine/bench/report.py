@@ -48,6 +48,8 @@ def _case(r: dict) -> str:
         return r["case"].replace(" b1 ", " ")
     if suite == "llm":
         return r["shape"]
+    if suite == "cpu_isa":
+        return f"{r['case']} {r['shape']} {r['dtype']}"
     return f"{r.get('case', '')} {r.get('shape', '')}".strip()
 
 
@@ -112,7 +114,8 @@ _SECTION = {"kd_loss": "KD loss, fp32, T=2, forward + backward, median wall time
             "lif_multistep": "multi-step LIF / parametric LIF neuron, fp32, median wall time",
             "snn_memory": "spiking CNN training step (memory in the notes), fp32, median wall time",
             "infer": "batch-1 inference latency, p50 (p99 in the JSON)",
-            "llm": "LLM-head KD (student head + KD loss), fp32, forward + backward"}
+            "llm": "LLM-head KD (student head + KD loss), fp32, forward + backward",
+            "cpu_isa": "C++ CPU kernels, the CPU's own path vs each forced path, median wall time"}
 
 
 def format_comparisons(rows: list[dict], width: int = WIDTH) -> str:

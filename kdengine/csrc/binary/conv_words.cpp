@@ -25,6 +25,7 @@
 #include <immintrin.h>
 #endif
 
+#include "common/cpu_isa.h"
 #include "common/parallel.h"
 
 namespace {
@@ -50,10 +51,7 @@ __attribute__((target("avx2"))) bool pack_pixel_f32_avx2(const float* px, int64_
   return bad;
 }
 
-bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2");
-  return ok;
-}
+bool has_avx2() { return kdengine::cpu_isa(kdengine::kBinary) >= kdengine::kIsaAvx2; }
 #endif
 
 template <typename scalar_t>

@@ -10,12 +10,17 @@
 //
 // Layout. Inputs are row-major (rows, W), W = ceil(K/32) int32 words per row (PackedSigns.bits).
 //
-// Files, one per instruction set: this one (the ops, run-time ISA choice, packing, the portable and
-// POPCNT kernels), xnor_avx2.cpp (the AVX2 GEMV and panel kernels and packing rows), xnor_lut.cpp
-// (the AVX2 table-lookup GEMM); xnor_kernels.h holds what they share.
+// Files, one per instruction set: this one (the ops, packing, the portable and POPCNT kernels),
+// xnor_avx2.cpp (the AVX2 GEMV and panel kernels and packing rows), xnor_lut.cpp (the AVX2
+// table-lookup GEMM), xnor_avx512.cpp (the AVX-512 VPOPCNTDQ kernels and packing rows);
+// xnor_kernels.h holds what they share.
 //
-// Kernels (the ISA is picked at run time with __builtin_cpu_supports, so the library, built with
-// plain -O3, runs on any x86-64 and uses AVX2/POPCNT where present):
+// Kernels (the ISA is picked at run time by common/cpu_isa.h, so the library, built with plain
+// -O3, runs on any x86-64 and uses POPCNT/AVX2/AVX-512 where present):
+// * AVX-512 VPOPCNTDQ (the best where present): B transposed into panels of 32 rows, one A word
+//   broadcast against 8 B rows per vector, XOR/AND + vpopcntq + vpaddq in a 6 x 4 register tile
+//   (~2.5x the table-lookup GEMM below at 1024 x 1024 x 4096); raw B rows for M < 16. Details at
+//   the top of xnor_avx512.cpp.
 // * AVX2, M >= 16 and N >= 192 (GEMM): the table-lookup GEMM of xnor_lut.cpp (one vpshufb + one
 //   add per 128 binary MACs, ~25 % faster than the panel kernel below, which remains for narrower
 //   N and is selectable for tests with binary_set_lut_min).
@@ -46,6 +51,7 @@
 
 #include "binary/xnor_kernels.h"
 #include "binary/xnor_lut.h"
+#include "common/cpu_isa.h"
 #include "common/parallel.h"
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -76,27 +82,16 @@ PathKnobs path_knobs() {
           kSplitBMinRows.load(std::memory_order_relaxed)};
 }
 
-enum Isa : int64_t { kPortable = 0, kPopcnt = 1, kAvx2 = 2 };
+// The levels of common/cpu_isa.h's binary family; the choice (best of this CPU, the
+// binary_force_isa test knob, KDENGINE_CPU_PORTABLE) is made there, once per op call.
+enum Isa : int64_t {
+  kPortable = kdengine::kIsaPortable,
+  kPopcnt = kdengine::kIsaPopcnt,
+  kAvx2 = kdengine::kIsaAvx2,
+  kAvx512 = kdengine::kIsaAvx512,
+};
 
-bool cpu_has(Isa isa) {
-  if (isa == kPortable) return true;
-  if (isa == kPopcnt) return __builtin_cpu_supports("popcnt");
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
-}
-
-Isa best_isa() {
-  static const Isa best = cpu_has(kAvx2) ? kAvx2 : (cpu_has(kPopcnt) ? kPopcnt : kPortable);
-  return best;
-}
-
-// -1: the best ISA of this CPU; 0..2 force one (binary_force_isa, a test knob: every call after
-// the change, in every thread, takes the forced path).
-std::atomic<int64_t> kForcedIsa{-1};
-
-Isa pick_isa() {
-  const int64_t forced = kForcedIsa.load(std::memory_order_relaxed);
-  return forced < 0 ? best_isa() : static_cast<Isa>(forced);
-}
+Isa pick_isa() { return static_cast<Isa>(kdengine::cpu_isa(kdengine::kBinary)); }
 
 KD_INLINE u64 load64(const u32* p) {
   u64 v;
@@ -186,6 +181,7 @@ bool gemm_counts(const u32* A, int64_t M, const u32* B, int64_t N, int64_t W, in
     return base != nullptr;
   }
   if (isa == kAvx2) return gemm_counts_avx2(A, M, B, N, W, C, use_and, base, knobs.split_rows);
+  if (isa == kAvx512) return gemm_counts_avx512(A, M, B, N, W, C, use_and, base, knobs.split_rows);
   const auto& table = kScalar[isa == kPopcnt ? 1 : 0][mode];
   drive<MR, NR>(M, N, W, KCW, [&](int64_t m, int64_t n, int64_t mr, int64_t nr, int64_t k0, int64_t k1) {
     table[mr - 1][nr - 1](A + m * W, W, B + n * W, W, k0, k1, C + m * N + n, N);
@@ -202,7 +198,9 @@ void pack_signs_row(const T* x, int64_t K, u32* out, bool& nan, Isa) {
 }
 
 void pack_signs_row(const float* x, int64_t K, u32* out, bool& nan, Isa isa) {
-  if (isa == kAvx2)
+  if (isa == kAvx512)
+    pack_signs_row_f32_avx512(x, K, out, nan);
+  else if (isa == kAvx2)
     pack_signs_row_f32_avx2(x, K, out, nan);
   else
     pack_signs_row_scalar<float>(x, K, out, nan);
@@ -253,7 +251,9 @@ at::Tensor pack_bool_impl(const at::Tensor& s_in, Isa isa) {
   const int64_t grain = std::max<int64_t>(1, 65536 / K);
   kdengine::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      if (isa == kAvx2)
+      if (isa == kAvx512)
+        pack_bool_row_avx512(sp + r * K, K, o + r * W);
+      else if (isa == kAvx2)
         pack_bool_row_avx2(sp + r * K, K, o + r * W);
       else
         pack_bool_row_scalar(sp + r * K, K, o + r * W);
@@ -329,9 +329,9 @@ at::Tensor binary_gemm(const at::Tensor& a_in, const at::Tensor& b_in, int64_t k
       }
     });
   }
-  // the AVX2 GEMM path writes every output itself; the others accumulate into zeros
+  // the AVX2 and AVX-512 GEMM paths write every output themselves; the others accumulate into zeros
   const PathKnobs knobs = path_knobs();
-  const bool writes_all = isa == kAvx2 && M >= knobs.split_rows;
+  const bool writes_all = (isa == kAvx2 || isa == kAvx512) && M >= knobs.split_rows;
   at::Tensor c = writes_all ? at::empty({M, N}, a.options().dtype(at::kInt))
                             : at::zeros({M, N}, a.options().dtype(at::kInt));
   if (M == 0 || N == 0) return c;
@@ -392,15 +392,14 @@ at::Tensor binary_linear(const at::Tensor& x, const at::Tensor& w_in, int64_t k,
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
-int64_t binary_isa() { return best_isa(); }
+// The best ISA of this CPU (not the forced one: see kdengine_cpu::cpu_isa for that).
+int64_t binary_isa() { return kdengine::best_cpu_isa(kdengine::kBinary); }
 
 // Forces the ISA of every later call (-1: back to the best one); returns the previous setting.
 int64_t binary_force_isa(int64_t isa) {
-  TORCH_CHECK_VALUE(isa >= -1 && isa <= kAvx2,
-                    "isa must be -1 (auto), 0 (portable), 1 (popcnt) or 2 (avx2), got ", isa);
-  TORCH_CHECK_VALUE(isa < 0 || cpu_has(static_cast<Isa>(isa)), "isa ", isa,
-                    " is not supported by this CPU");
-  return kForcedIsa.exchange(isa);
+  const std::string err = kdengine::force_isa_error(kdengine::kBinary, isa);
+  TORCH_CHECK_VALUE(err.empty(), err);
+  return kdengine::force_isa(kdengine::kBinary, isa);
 }
 
 // Core clock estimate (GHz) for the benchmark's roofline: `iters` x 4 dependent 64-bit integer

@@ -1,6 +1,7 @@
 // Shared by the ISA files of the binary GEMM: xnor.cpp (ops, packing, the portable and POPCNT
-// kernels), xnor_avx2.cpp (the AVX2 kernels) and xnor_lut.cpp (the AVX2 table-lookup GEMM). The
-// math, the bit layout and the memory traffic of every path are described at the top of xnor.cpp.
+// kernels), xnor_avx2.cpp (the AVX2 kernels), xnor_lut.cpp (the AVX2 table-lookup GEMM) and
+// xnor_avx512.cpp (the AVX-512 VPOPCNTDQ kernels). The math, the bit layout and the memory
+// traffic of every path are described at the top of xnor.cpp.
 #pragma once
 
 #include <algorithm>
@@ -98,5 +99,14 @@ bool gemm_counts_avx2(const u32* A, int64_t M, const u32* B, int64_t N, int64_t 
                       bool use_and, const int32_t* base, int64_t split_rows);
 void pack_signs_row_f32_avx2(const float* x, int64_t K, u32* out, bool& nan);
 void pack_bool_row_avx2(const uint8_t* s, int64_t K, u32* out);
+
+// --------------------------------------------------------------------------- AVX-512 (xnor_avx512.cpp)
+
+// As gemm_counts_avx2; from split_rows rows of A on, C is written completely (counts, or
+// base[m] - 2 count with base) and C need not be zeroed. Requires AVX-512 VPOPCNTDQ.
+bool gemm_counts_avx512(const u32* A, int64_t M, const u32* B, int64_t N, int64_t W, int32_t* C,
+                        bool use_and, const int32_t* base, int64_t split_rows);
+void pack_signs_row_f32_avx512(const float* x, int64_t K, u32* out, bool& nan);
+void pack_bool_row_avx512(const uint8_t* s, int64_t K, u32* out);
 
 }  // namespace kdengine_binary

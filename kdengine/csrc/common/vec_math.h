@@ -2,10 +2,10 @@
 //
 // Why our own: the KD loss spends most of its arithmetic in exp(), and libm's scalar expf does
 // not vectorize without -ffast-math, which we must not use (NaN and inf have to survive).
-// Everything here is written with GCC vector types (8 x float, 4 x double), so the same
-// source compiles to SSE2 pairs in a default-target function and to AVX2+FMA when inlined into a
-// function declared __attribute__((target("avx2,fma"))): the kernels pick that version at run
-// time. Every function is always_inline for that reason (an out-of-line call would be compiled
+// Everything here is written with GCC vector types (8 or 16 x float, 4 x double), so the same
+// source compiles to SSE2 pairs in a default-target function, to AVX2+FMA when inlined into a
+// function declared __attribute__((target("avx2,fma"))) and, for 16-float vectors, to AVX-512 in
+// one declared with common/cpu_isa.h's KD_TARGET_AVX512_FLOAT: the kernels pick at run time. Every function is always_inline for that reason (an out-of-line call would be compiled
 // for the default target, and passing 32-byte vectors across it changes the ABI).
 //
 // Float accuracy, max error against float64 measured on 2M random points per range (SSE2 and
@@ -34,11 +34,18 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace kdvec {
 
 #define KDV_INLINE inline __attribute__((always_inline))
 
 typedef float v8f __attribute__((vector_size(32)));
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef double v4d __attribute__((vector_size(32)));
@@ -54,6 +61,13 @@ struct Traits<v8f> {
   using M = v8i;
   static constexpr int W = 8;
   static KDV_INLINE M iota() { return M{0, 1, 2, 3, 4, 5, 6, 7}; }
+};
+template <>
+struct Traits<v16f> {
+  using E = float;
+  using M = v16i;
+  static constexpr int W = 16;
+  static KDV_INLINE M iota() { return M{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
 };
 template <>
 struct Traits<v4d> {
@@ -118,10 +132,38 @@ KDV_INLINE v8f narrow(v4d lo, v4d hi) {
   v4f a = __builtin_convertvector(lo, v4f), b = __builtin_convertvector(hi, v4f);
   return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7);
 }
+// The halves of a 16-float vector and back: the double-precision helpers work on 8 floats at a
+// time, so a 16-wide kernel runs them twice.
+KDV_INLINE void halves(v16f x, v8f& lo, v8f& hi) {
+  lo = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
+  hi = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+KDV_INLINE v16f join(v8f lo, v8f hi) {
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
 
 // ------------------------------------------------------------------------------------ float
 
 namespace detail {
+// The integer vectors of a float vector type (signed, unsigned): the float functions below are
+// templates over v8f (SSE2 pairs / AVX2) and v16f (AVX-512), same operations, same bits per lane.
+template <class VF>
+struct IntOf;
+template <>
+struct IntOf<v8f> {
+  using I = v8i;
+  using U = v8u;
+};
+template <>
+struct IntOf<v16f> {
+  using I = v16i;
+  using U = v16u;
+};
+template <class VF>
+using IntV = typename IntOf<VF>::I;
+template <class VF>
+using UIntV = typename IntOf<VF>::U;
+
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693359375f;        // 9 significant bits: n * kLn2Hi is exact
 constexpr float kLn2Lo = -2.12194440e-4f;     // ln 2 - kLn2Hi
@@ -140,12 +182,14 @@ KDV_INLINE VF reduce_r(VF x, VF fn) {
 
 // Range reduction shared by vexp and vexpm1: x = n ln2 + r, |r| <= ln2/2 (x already clamped),
 // returns r and 2^n (built from the exponent bits, no float->int conversion, so no UB on NaN).
-KDV_INLINE void reduce(v8f xc, v8f& r, v8f& scale) {
-  v8f t = xc * kLog2e + kRound;
-  v8f fn = t - kRound;
-  v8u n = (v8u)t - (v8u)(v8f{} + kRound);  // integer n, as bits (two's complement)
+template <class VF>
+KDV_INLINE void reduce(VF xc, VF& r, VF& scale) {
+  using VU = UIntV<VF>;
+  VF t = xc * kLog2e + kRound;
+  VF fn = t - kRound;
+  VU n = (VU)t - (VU)(VF{} + kRound);  // integer n, as bits (two's complement)
   r = reduce_r(xc, fn);
-  scale = (v8f)((n + 127u) << 23);
+  scale = (VF)((n + 127u) << 23);
 }
 
 // e^r for |r| <= ln2/2 (after the reduction above): Cephes' degree-5 polynomial, <= 1 ulp.
@@ -161,71 +205,77 @@ KDV_INLINE VF exp_poly(VF r) {
 }
 }  // namespace detail
 
-KDV_INLINE v8f vexp(v8f x) {
+template <class VF, class = detail::IntV<VF>>
+KDV_INLINE VF vexp(VF x) {
   using namespace detail;
-  const v8f hi = v8f{} + kExpHi, lo = v8f{} + kExpLo;
-  v8f xc = x < lo ? lo : x;  // NaN stays NaN
+  const VF hi = VF{} + kExpHi, lo = VF{} + kExpLo;
+  VF xc = x < lo ? lo : x;  // NaN stays NaN
   xc = xc > hi ? hi : xc;
-  v8f r, scale;
+  VF r, scale;
   reduce(xc, r, scale);
-  v8f y = exp_poly(r) * scale;
-  y = x > hi ? v8f{} + std::numeric_limits<float>::infinity() : y;
-  y = x < lo ? v8f{} : y;
+  VF y = exp_poly(r) * scale;
+  y = x > hi ? VF{} + std::numeric_limits<float>::infinity() : y;
+  y = x < lo ? VF{} : y;
   return y;
 }
 
 // exp(x) for x <= 0 (or -inf, or NaN): the kernels' case (logits minus their maximum). Skips the
 // overflow side, and gets exact zeros below -87.3 by clamping the exponent bits at 0 (the
 // scale 2^n becomes +0.0) instead of a compare and blend.
-KDV_INLINE v8f vexp_nonpos(v8f x) {
+template <class VF, class = detail::IntV<VF>>
+KDV_INLINE VF vexp_nonpos(VF x) {
   using namespace detail;
-  const v8f lo = v8f{} - 104.0f;  // exp(-104) < 2^-149: 0 in float anyway
-  v8f xc = x < lo ? lo : x;       // NaN stays NaN; -inf becomes -104
-  v8f t = xc * kLog2e + kRound;
-  v8f fn = t - kRound;
-  v8i n = (v8i)t - (v8i)(v8f{} + kRound);
-  v8f r = reduce_r(xc, fn);
-  v8f y = exp_poly(r);
-  v8i e = n + 127;
-  e = e > 0 ? e : v8i{};  // n < -126: scale +0.0, so the result is exactly 0
-  return y * (v8f)(e << 23);
+  using VI = IntV<VF>;
+  const VF lo = VF{} - 104.0f;  // exp(-104) < 2^-149: 0 in float anyway
+  VF xc = x < lo ? lo : x;      // NaN stays NaN; -inf becomes -104
+  VF t = xc * kLog2e + kRound;
+  VF fn = t - kRound;
+  VI n = (VI)t - (VI)(VF{} + kRound);
+  VF r = reduce_r(xc, fn);
+  VF y = exp_poly(r);
+  VI e = n + 127;
+  e = e > 0 ? e : VI{};  // n < -126: scale +0.0, so the result is exactly 0
+  return y * (VF)(e << 23);
 }
 
-KDV_INLINE v8f vexpm1(v8f x) {
+template <class VF, class = detail::IntV<VF>>
+KDV_INLINE VF vexpm1(VF x) {
   using namespace detail;
-  const v8f hi = v8f{} + kExpHi, lo = v8f{} + kExpLo;
-  v8f xc = x < lo ? lo : x;
+  const VF hi = VF{} + kExpHi, lo = VF{} + kExpLo;
+  VF xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
-  v8f r, scale;
+  VF r, scale;
   reduce(xc, r, scale);
   // expm1(r) = r + r^2 (1/2 + r/6 + ... + r^6/8!), |r| <= 0.347: truncation < 1e-9 relative.
-  v8f p = v8f{} + 2.48015873e-5f;  // 1/8!
+  VF p = VF{} + 2.48015873e-5f;  // 1/8!
   p = p * r + 1.98412698e-4f;      // 1/7!
   p = p * r + 1.38888889e-3f;      // 1/6!
   p = p * r + 8.33333333e-3f;      // 1/5!
   p = p * r + 4.16666667e-2f;      // 1/4!
   p = p * r + 1.66666667e-1f;      // 1/3!
   p = p * r + 0.5f;
-  v8f em = p * (r * r) + r;
-  v8f y = scale * em + (scale - 1.0f);  // n = 0 leaves em untouched: exact near 0
-  y = x > hi ? v8f{} + std::numeric_limits<float>::infinity() : y;
-  y = x < lo ? v8f{} - 1.0f : y;
+  VF em = p * (r * r) + r;
+  VF y = scale * em + (scale - 1.0f);  // n = 0 leaves em untouched: exact near 0
+  y = x > hi ? VF{} + std::numeric_limits<float>::infinity() : y;
+  y = x < lo ? VF{} - 1.0f : y;
   return y;
 }
 
-KDV_INLINE v8f vlog(v8f x) {
+template <class VF, class = detail::IntV<VF>>
+KDV_INLINE VF vlog(VF x) {
+  using VI = detail::IntV<VF>;
   const float kMinNormal = 1.17549435e-38f;
-  v8i sub = x < kMinNormal;
-  v8f xs = sub ? x * 8388608.0f : x;  // 2^23 lifts subnormals into the normal range
-  v8i e_adj = sub ? v8i{} - 23 : v8i{};
-  v8i bits = (v8i)xs;
-  v8i e = ((bits >> 23) & 0xff) - 126 + e_adj;
-  v8f m = (v8f)((bits & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
-  v8i small = m < 0.707106781186547524f;
+  VI sub = x < kMinNormal;
+  VF xs = sub ? x * 8388608.0f : x;  // 2^23 lifts subnormals into the normal range
+  VI e_adj = sub ? VI{} - 23 : VI{};
+  VI bits = (VI)xs;
+  VI e = ((bits >> 23) & 0xff) - 126 + e_adj;
+  VF m = (VF)((bits & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
+  VI small = m < 0.707106781186547524f;
   e = small ? e - 1 : e;
-  v8f f = small ? m + m - 1.0f : m - 1.0f;  // f in [sqrt(1/2) - 1, sqrt(2) - 1)
-  v8f z = f * f;
-  v8f p = v8f{} + 7.0376836292e-2f;
+  VF f = small ? m + m - 1.0f : m - 1.0f;  // f in [sqrt(1/2) - 1, sqrt(2) - 1)
+  VF z = f * f;
+  VF p = VF{} + 7.0376836292e-2f;
   p = p * f - 1.1514610310e-1f;
   p = p * f + 1.1676998740e-1f;
   p = p * f - 1.2420140846e-1f;
@@ -234,29 +284,50 @@ KDV_INLINE v8f vlog(v8f x) {
   p = p * f + 2.0000714765e-1f;
   p = p * f - 2.4999993993e-1f;
   p = p * f + 3.3333331174e-1f;
-  v8f fe = __builtin_convertvector(e, v8f);
-  v8f y = p * f * z;
+  VF fe = __builtin_convertvector(e, VF);
+  VF y = p * f * z;
   y = y + fe * detail::kLn2Lo;
   y = y - 0.5f * z;
-  v8f res = f + y;
+  VF res = f + y;
   res = res + fe * detail::kLn2Hi;
   const float inf = std::numeric_limits<float>::infinity();
-  res = x == 0.0f ? v8f{} - inf : res;
-  res = x < 0.0f ? v8f{} + std::numeric_limits<float>::quiet_NaN() : res;
-  res = x == inf ? v8f{} + inf : res;
+  res = x == 0.0f ? VF{} - inf : res;
+  res = x < 0.0f ? VF{} + std::numeric_limits<float>::quiet_NaN() : res;
+  res = x == inf ? VF{} + inf : res;
   res = x != x ? x : res;  // NaN
   return res;
 }
 
-KDV_INLINE v8f vlog1p(v8f u) {
-  v8f w = u + 1.0f;
-  v8f lw = vlog(w);
+template <class VF, class = detail::IntV<VF>>
+KDV_INLINE VF vlog1p(VF u) {
+  VF w = u + 1.0f;
+  VF lw = vlog(w);
   // log1p(u) = log(w) * u / (w - 1): the quotient corrects the rounding of 1 + u.
-  v8f dw = w - 1.0f;
-  v8f res = lw * (u / (dw == 0.0f ? v8f{} + 1.0f : dw));
+  VF dw = w - 1.0f;
+  VF res = lw * (u / (dw == 0.0f ? VF{} + 1.0f : dw));
   res = dw == 0.0f ? u : res;
   return u == std::numeric_limits<float>::infinity() ? u : res;
 }
+
+#if defined(__x86_64__)
+// The same for 16 floats, selects through AVX-512 mask registers. GCC 12 evaluates selects whose
+// conditions it has merged (here dw == 0 twice, then u == inf) lane by lane for 512-bit vectors,
+// with scalar compares and branches (several times slower); explicit k-masks avoid that. Only
+// inlinable into functions compiled for AVX-512 (KD_TARGET_AVX512_FLOAT of cpu_isa.h); plain inline,
+// since the generic templates that call it are compiled for the default target first.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) inline v16f vlog1p(
+    v16f u) {
+  const v16f w = u + 1.0f;
+  const v16f lw = vlog(w);
+  const v16f dw = w - 1.0f;
+  const __mmask16 dw0 = _mm512_cmp_ps_mask((__m512)dw, _mm512_setzero_ps(), _CMP_EQ_OQ);
+  const __mmask16 uinf =
+      _mm512_cmp_ps_mask((__m512)u, _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
+  const v16f den = (v16f)_mm512_mask_blend_ps(dw0, (__m512)dw, _mm512_set1_ps(1.0f));
+  const v16f res = lw * (u / den);
+  return (v16f)_mm512_mask_blend_ps(dw0 | uinf, (__m512)res, (__m512)u);
+}
+#endif
 
 // ------------------------------------------------------------------------------------ double
 

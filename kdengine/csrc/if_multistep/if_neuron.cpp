@@ -24,16 +24,18 @@
 // the forward, 4 B read in the backward (x is not needed then, so 12 B too), i.e. 24 B in all vs
 // 20 B here, and keep a (T, N) fp32 buffer alive between forward and backward (x is alive anyway
 // whenever its producer is part of the graph). bf16/fp16 inputs halve every term but the buffer.
-// fp32 forward on AVX2 CPUs (run-time check): 8 neurons per vector, the same operations (so the
-// same bits), and spikes written with non-temporal stores, which skip the read-for-ownership a
+// fp32 forward on AVX2 / AVX-512 CPUs (common/cpu_isa.h, per call): 8 / 16 neurons per vector, the
+// same operations (so the same bits), and spikes written with non-temporal stores, which skip the read-for-ownership a
 // plain store does on each fresh line: 8 B of DRAM traffic per element and step instead of 12.
 // Outputs >= 8 MB come from output_pool.h, which reuses freed buffers: a repeated call does not
 // pay the OS's page faults and zeroing on a fresh output again (measured at T=16, N=2^20 fp32:
 // ~7 ms of faults with THP, vs ~9 ms for the forward's own traffic).
+// fp32 backward on AVX-512 CPUs: the same code with 16 neurons per vector (bwd_f32_avx512).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "common/cpu_isa.h"
 #include "common/output_pool.h"
 #include "common/parallel.h"
 #include "common/vec_math.h"
@@ -53,6 +55,10 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+
+// No a * b + c contracted into an FMA anywhere below: the AVX-512 backward must give the bits of
+// the portable build (whose default x86-64 target has no FMA).
+#pragma GCC optimize("fp-contract=off")
 
 namespace {
 
@@ -78,24 +84,49 @@ struct Vec<double> {
   typedef int64_t m __attribute__((vector_size(16)));
   static constexpr int64_t L = 2;
 };
+// 64-byte float vectors: the AVX-512 backward (16 neurons per vector, same operations per lane).
+struct VecF16 {
+  typedef float v __attribute__((vector_size(64)));
+  typedef int32_t m __attribute__((vector_size(64)));
+  static constexpr int64_t L = 16;
+};
 
-template <typename acc_t, typename scalar_t>
-inline typename Vec<acc_t>::v load_vec(const scalar_t* p) {
-  typename Vec<acc_t>::v r;
+// The integer vector of a float vector's width (bit tricks in exp_vec / abs_vec).
+template <typename VF>
+struct IntVec;
+template <>
+struct IntVec<Vec<float>::v> {
+  typedef Vec<float>::m type;
+};
+template <>
+struct IntVec<VecF16::v> {
+  typedef VecF16::m type;
+};
+template <>
+struct IntVec<Vec<double>::v> {
+  typedef Vec<double>::m type;
+};
+
+#define IF_INLINE inline __attribute__((always_inline))
+
+// Loads / stores one vector VS::v of acc_t lanes from / to scalar_t elements.
+template <typename acc_t, typename VS = Vec<acc_t>, typename scalar_t>
+IF_INLINE typename VS::v load_vec(const scalar_t* p) {
+  typename VS::v r;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(&r, p, sizeof(r));
   } else {
-    for (int64_t k = 0; k < Vec<acc_t>::L; ++k) r[k] = static_cast<acc_t>(p[k]);
+    for (int64_t k = 0; k < VS::L; ++k) r[k] = static_cast<acc_t>(p[k]);
   }
   return r;
 }
 
-template <typename scalar_t, typename acc_t>
-inline void store_vec(scalar_t* p, typename Vec<acc_t>::v r) {
+template <typename scalar_t, typename acc_t, typename VS = Vec<acc_t>>
+IF_INLINE void store_vec(scalar_t* p, typename VS::v r) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(p, &r, sizeof(r));
   } else {
-    for (int64_t k = 0; k < Vec<acc_t>::L; ++k) p[k] = static_cast<scalar_t>(r[k]);
+    for (int64_t k = 0; k < VS::L; ++k) p[k] = static_cast<scalar_t>(r[k]);
   }
 }
 
@@ -106,9 +137,9 @@ inline void store_vec(scalar_t* p, typename Vec<acc_t>::v r) {
 // the surrogate's tail under e^-87 (~1e-38) is not flushed to 0, which nothing can tell apart.
 // NaN stays NaN. (~55 SSE instructions per 4 values; the loop is compute-bound at ~3 ns/element
 // on one loaded core here, vs ~0.8 for atan, so every instruction counts.)
-inline Vec<float>::v exp_vec(Vec<float>::v x) {
-  typedef Vec<float>::v vf;
-  typedef Vec<float>::m vi;
+template <typename vf, typename = std::enable_if_t<sizeof(vf{}[0]) == sizeof(float)>>
+IF_INLINE vf exp_vec(vf x) {
+  typedef typename IntVec<vf>::type vi;
   const vf lo = vf{} - 87.0f;
   x = x < lo ? lo : x;
   const vf t = x * kdvec::detail::kLog2e;
@@ -122,27 +153,22 @@ inline Vec<float>::v exp_vec(Vec<float>::v x) {
 }
 
 // |u| by clearing the sign bit (one AND instead of compare + blend).
-inline Vec<float>::v abs_vec(Vec<float>::v u) {
-  Vec<float>::m b;
+template <typename VF>
+IF_INLINE VF abs_vec(VF u) {
+  typedef typename IntVec<VF>::type VI;
+  VI b;
   std::memcpy(&b, &u, sizeof(b));
-  b &= 0x7fffffff;
-  std::memcpy(&u, &b, sizeof(u));
-  return u;
-}
-inline Vec<double>::v abs_vec(Vec<double>::v u) {
-  Vec<double>::m b;
-  std::memcpy(&b, &u, sizeof(b));
-  b &= 0x7fffffffffffffffLL;
+  b &= sizeof(u[0]) == 4 ? 0x7fffffff : 0x7fffffffffffffffLL;
   std::memcpy(&u, &b, sizeof(u));
   return u;
 }
 
-inline Vec<double>::v exp_vec(Vec<double>::v x) {
+IF_INLINE Vec<double>::v exp_vec(Vec<double>::v x) {
   for (int64_t k = 0; k < 2; ++k) x[k] = std::exp(x[k]);
   return x;
 }
 
-inline float exp_scalar(float x) {
+IF_INLINE float exp_scalar(float x) {
   Vec<float>::v v = Vec<float>::v{} + x;
   return exp_vec(v)[0];
 }
@@ -150,7 +176,7 @@ inline double exp_scalar(double x) { return std::exp(x); }
 
 // The surrogate derivative sg(u), for a vector or a scalar u (same formulas).
 template <int64_t kSur, typename T, typename acc_t>
-inline T surrogate_grad(T u, acc_t alpha, acc_t k_atan, acc_t half_alpha) {
+IF_INLINE T surrogate_grad(T u, acc_t alpha, acc_t k_atan, acc_t half_alpha) {
   if constexpr (kSur == kSurAtan) {
     const T z = u * k_atan;
     return half_alpha / (z * z + acc_t(1));
@@ -170,12 +196,12 @@ inline T surrogate_grad(T u, acc_t alpha, acc_t k_atan, acc_t half_alpha) {
 // in v: emit(t, j, h, fire) sees each h_t = v_{t-1} + x_t before the reset, as a vector of L
 // neurons at j, then one neuron at a time for the tail. The forward and the backward's recompute
 // both run this, so the backward's h is the forward's, bit for bit.
-template <bool kHard, typename scalar_t, typename acc_t, typename Emit>
-inline __attribute__((always_inline)) void integrate_block(
+template <bool kHard, typename VS, typename scalar_t, typename acc_t, typename Emit>
+IF_INLINE void integrate_block(
     const scalar_t* __restrict__ x, const acc_t* __restrict__ v_init, acc_t* __restrict__ v,
     int64_t T, int64_t N, int64_t j0, int64_t n, acc_t thr, acc_t reset, acc_t rest, Emit&& emit) {
-  typedef typename Vec<acc_t>::v V;
-  constexpr int64_t L = Vec<acc_t>::L;
+  typedef typename VS::v V;
+  constexpr int64_t L = VS::L;
   const V thr_v = V{} + thr, reset_v = V{} + reset;
   const int64_t nv = n / L * L;
   for (int64_t j = 0; j < n; ++j) v[j] = v_init ? v_init[j0 + j] : rest;
@@ -184,7 +210,7 @@ inline __attribute__((always_inline)) void integrate_block(
     for (int64_t j = 0; j < nv; j += L) {
       V h;
       std::memcpy(&h, v + j, sizeof(V));
-      h += load_vec<acc_t>(xt + j);
+      h += load_vec<acc_t, VS>(xt + j);
       const auto fire = h >= thr_v;
       emit(t, j, h, fire);
       h = fire ? (kHard ? reset_v : h - thr_v) : h;
@@ -206,7 +232,7 @@ void fwd_range(const scalar_t* __restrict__ x, scalar_t* __restrict__ spikes,
   alignas(64) acc_t v[kFwdBlock];
   for (int64_t j0 = begin; j0 < end; j0 += kFwdBlock) {
     const int64_t n = std::min(kFwdBlock, end - j0);
-    integrate_block<kHard>(x, v_init, v, T, N, j0, n, thr, reset, rest,
+    integrate_block<kHard, Vec<acc_t>>(x, v_init, v, T, N, j0, n, thr, reset, rest,
                            [&](int64_t t, int64_t j, auto h, auto fire) {
                              using H = decltype(h);
                              H s = fire ? H{} + acc_t(1) : H{};
@@ -267,14 +293,48 @@ __attribute__((target("avx2"))) void fwd_range_f32_avx2(
 }
 #endif
 
-bool use_avx2_f32() {
 #if defined(__x86_64__)
-  static const bool ok = __builtin_cpu_supports("avx2") && std::getenv("KDENGINE_CPU_PORTABLE") == nullptr;
-  return ok;
-#else
-  return false;
-#endif
+// fp32 forward, 16 neurons per AVX-512 vector: fwd_range_f32_avx2's operations with mask
+// registers (so the same bits), and the same non-temporal stores (64-byte aligned rows).
+template <bool kHard>
+KD_TARGET_AVX512_FLOAT void fwd_range_f32_avx512(
+    const float* __restrict__ x, float* __restrict__ spikes, const float* __restrict__ v_init,
+    float* __restrict__ v_out, int64_t T, int64_t N, int64_t begin, int64_t end, float thr,
+    float reset, float rest) {
+  alignas(64) float v[kFwdBlock];
+  const __m512 thr_v = _mm512_set1_ps(thr), one = _mm512_set1_ps(1.0f), reset_v = _mm512_set1_ps(reset);
+  for (int64_t j0 = begin; j0 < end; j0 += kFwdBlock) {
+    const int64_t n = std::min(kFwdBlock, end - j0);
+    const int64_t nv = n / 16 * 16;
+    for (int64_t j = 0; j < n; ++j) v[j] = v_init ? v_init[j0 + j] : rest;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* __restrict__ xt = x + t * N + j0;
+      float* __restrict__ st = spikes + t * N + j0;
+      const bool stream = (reinterpret_cast<uintptr_t>(st) & 63) == 0;
+      for (int64_t j = 0; j < nv; j += 16) {
+        __m512 h = _mm512_add_ps(_mm512_load_ps(v + j), _mm512_loadu_ps(xt + j));
+        const __mmask16 fire = _mm512_cmp_ps_mask(h, thr_v, _CMP_GE_OQ);
+        __m512 s = _mm512_maskz_mov_ps(fire, one);
+        s = _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(h, h, _CMP_UNORD_Q), h);  // NaN potential: NaN spike
+        if (stream)
+          _mm512_stream_ps(st + j, s);
+        else
+          _mm512_storeu_ps(st + j, s);
+        h = kHard ? _mm512_mask_mov_ps(h, fire, reset_v) : _mm512_mask_sub_ps(h, fire, h, thr_v);
+        _mm512_store_ps(v + j, h);
+      }
+      for (int64_t j = nv; j < n; ++j) {
+        const float h = v[j] + xt[j];
+        const bool fire = h >= thr;
+        st[j] = (h != h) ? h : (fire ? 1.0f : 0.0f);
+        v[j] = fire ? (kHard ? reset : h - thr) : h;
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) v_out[j0 + j] = v[j];
+  }
+  _mm_sfence();
 }
+#endif
 
 template <typename scalar_t, typename acc_t>
 void fwd_task(const scalar_t* x, scalar_t* s, const acc_t* v0, acc_t* vo, int64_t T, int64_t N,
@@ -290,7 +350,13 @@ template <>
 void fwd_task<float, float>(const float* x, float* s, const float* v0, float* vo, int64_t T,
                             int64_t N, int64_t b, int64_t e, float thr, float reset, float rest,
                             bool hard) {
-  if (!use_avx2_f32()) {
+  const int64_t isa = kdengine::cpu_isa(kdengine::kFloat);
+  if (isa >= kdengine::kIsaAvx512) {
+    if (hard)
+      fwd_range_f32_avx512<true>(x, s, v0, vo, T, N, b, e, thr, reset, rest);
+    else
+      fwd_range_f32_avx512<false>(x, s, v0, vo, T, N, b, e, thr, reset, rest);
+  } else if (isa < kdengine::kIsaAvx2) {
     if (hard)
       fwd_range<float, float, true>(x, s, v0, vo, T, N, b, e, thr, reset, rest);
     else
@@ -307,13 +373,14 @@ struct BwdParams {
   double thr, reset, rest, alpha;
 };
 
-template <typename scalar_t, typename acc_t, bool kHard, int64_t kSur, bool kDetach>
-void bwd_range(const scalar_t* __restrict__ x, const acc_t* __restrict__ v_init,
-               const scalar_t* __restrict__ gs, const acc_t* __restrict__ gv,
-               scalar_t* __restrict__ gx, acc_t* __restrict__ gv_init, int64_t T, int64_t N,
-               int64_t begin, int64_t end, const BwdParams& p) {
-  typedef typename Vec<acc_t>::v V;
-  constexpr int64_t L = Vec<acc_t>::L;
+// VS: the vector type (Vec<acc_t>: 16 bytes, any target; VecF16: inlined into the AVX-512 build).
+template <typename scalar_t, typename acc_t, bool kHard, int64_t kSur, bool kDetach, typename VS>
+IF_INLINE void bwd_range(const scalar_t* __restrict__ x, const acc_t* __restrict__ v_init,
+                         const scalar_t* __restrict__ gs, const acc_t* __restrict__ gv,
+                         scalar_t* __restrict__ gx, acc_t* __restrict__ gv_init, int64_t T, int64_t N,
+                         int64_t begin, int64_t end, const BwdParams& p) {
+  typedef typename VS::v V;
+  constexpr int64_t L = VS::L;
   const acc_t thr = static_cast<acc_t>(p.thr), reset = static_cast<acc_t>(p.reset);
   const acc_t rest = static_cast<acc_t>(p.rest), alpha = static_cast<acc_t>(p.alpha);
   const acc_t k_atan = static_cast<acc_t>(M_PI / 2 * p.alpha);
@@ -330,7 +397,7 @@ void bwd_range(const scalar_t* __restrict__ x, const acc_t* __restrict__ v_init,
     const int64_t n = std::min(B, end - j0);
     const int64_t nv = n / L * L;
     // Recompute the forward trajectory of this block (h_t into the buffer).
-    integrate_block<kHard>(x, v_init, v, T, N, j0, n, thr, reset, rest,
+    integrate_block<kHard, VS>(x, v_init, v, T, N, j0, n, thr, reset, rest,
                            [&](int64_t t, int64_t j, auto h, auto) {
                              std::memcpy(hb + t * B + j, &h, sizeof(h));
                            });
@@ -352,8 +419,8 @@ void bwd_range(const scalar_t* __restrict__ x, const acc_t* __restrict__ v_init,
         } else {
           dvdh = kDetach ? one : one - thr_v * sg;
         }
-        const V g = load_vec<acc_t>(gst + j) * sg + c * dvdh;
-        store_vec<scalar_t, acc_t>(gxt + j, g);
+        const V g = load_vec<acc_t, VS>(gst + j) * sg + c * dvdh;
+        store_vec<scalar_t, acc_t, VS>(gxt + j, g);
         std::memcpy(v + j, &g, sizeof(V));
       }
       for (int64_t j = nv; j < n; ++j) {
@@ -422,13 +489,55 @@ std::tuple<at::Tensor, at::Tensor> if_fwd_cpu(const at::Tensor& x,
 }
 
 template <typename scalar_t, typename acc_t, bool kHard, int64_t kSur>
-void bwd_dispatch_detach(bool detach, const scalar_t* x, const acc_t* v0, const scalar_t* gs,
-                         const acc_t* gv, scalar_t* gx, acc_t* gv0, int64_t T, int64_t N,
-                         int64_t b, int64_t e, const BwdParams& p) {
+__attribute__((noinline)) void bwd_dispatch_detach(bool detach, const scalar_t* x, const acc_t* v0,
+                                                   const scalar_t* gs, const acc_t* gv, scalar_t* gx,
+                                                   acc_t* gv0, int64_t T, int64_t N, int64_t b,
+                                                   int64_t e, const BwdParams& p) {
   if (detach)
-    bwd_range<scalar_t, acc_t, kHard, kSur, true>(x, v0, gs, gv, gx, gv0, T, N, b, e, p);
+    bwd_range<scalar_t, acc_t, kHard, kSur, true, Vec<acc_t>>(x, v0, gs, gv, gx, gv0, T, N, b, e, p);
   else
-    bwd_range<scalar_t, acc_t, kHard, kSur, false>(x, v0, gs, gv, gx, gv0, T, N, b, e, p);
+    bwd_range<scalar_t, acc_t, kHard, kSur, false, Vec<acc_t>>(x, v0, gs, gv, gx, gv0, T, N, b, e, p);
+}
+
+#if defined(__x86_64__)
+// The fp32 backward with 16 neurons per AVX-512 vector. The file is compiled with fp-contract
+// off (top of the file), so a * b + c stays a multiply and an add, as in the portable build:
+// the same bits.
+template <bool kHard, int64_t kSur>
+__attribute__((noinline)) KD_TARGET_AVX512_FLOAT void bwd_f32_avx512(
+    bool detach, const float* x, const float* v0, const float* gs, const float* gv, float* gx,
+    float* gv0, int64_t T, int64_t N, int64_t b, int64_t e, const BwdParams& p) {
+  if (detach)
+    bwd_range<float, float, kHard, kSur, true, VecF16>(x, v0, gs, gv, gx, gv0, T, N, b, e, p);
+  else
+    bwd_range<float, float, kHard, kSur, false, VecF16>(x, v0, gs, gv, gx, gv0, T, N, b, e, p);
+}
+
+// Where common/cpu_isa.h picks AVX-512 for the float kernels: the fp32 backward of one task
+// (true), else false (below: other dtypes always).
+bool bwd_task_avx512(bool hard, int64_t sur, bool detach, const float* x, const float* v0,
+                     const float* gs, const float* gv, float* gx, float* gv0, int64_t T, int64_t N,
+                     int64_t b, int64_t e, const BwdParams& p) {
+  if (kdengine::cpu_isa(kdengine::kFloat) < kdengine::kIsaAvx512) return false;
+  if (hard) {
+    if (sur == kSurAtan)
+      bwd_f32_avx512<true, kSurAtan>(detach, x, v0, gs, gv, gx, gv0, T, N, b, e, p);
+    else
+      bwd_f32_avx512<true, kSurSigmoid>(detach, x, v0, gs, gv, gx, gv0, T, N, b, e, p);
+  } else {
+    if (sur == kSurAtan)
+      bwd_f32_avx512<false, kSurAtan>(detach, x, v0, gs, gv, gx, gv0, T, N, b, e, p);
+    else
+      bwd_f32_avx512<false, kSurSigmoid>(detach, x, v0, gs, gv, gx, gv0, T, N, b, e, p);
+  }
+  return true;
+}
+#endif
+
+template <typename scalar_t, typename acc_t>
+bool bwd_task_avx512(bool, int64_t, bool, const scalar_t*, const acc_t*, const scalar_t*, const acc_t*,
+                     scalar_t*, acc_t*, int64_t, int64_t, int64_t, int64_t, const BwdParams&) {
+  return false;
 }
 
 std::tuple<at::Tensor, at::Tensor> if_bwd_cpu(const at::Tensor& x,
@@ -464,6 +573,8 @@ std::tuple<at::Tensor, at::Tensor> if_bwd_cpu(const at::Tensor& x,
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     acc_t* gv0p = gv0.data_ptr<acc_t>();
     kdengine::parallel_for(0, N, grain_for(T), [&](int64_t b, int64_t e) {
+      if (bwd_task_avx512(hard_reset, surrogate, detach_reset, xp, vp, gsp, gvp, gxp, gv0p, T, N, b, e, p))
+        return;
       if (hard_reset) {
         if (surrogate == kSurAtan)
           bwd_dispatch_detach<scalar_t, acc_t, true, kSurAtan>(detach_reset, xp, vp, gsp, gvp,

@@ -39,8 +39,10 @@
 // not depend on the number of threads.
 //
 // Vector code: vec_math.h (GCC vector types, exp/log/expm1/log1p that keep NaN and inf). The row
-// kernel is compiled twice, portable and with target("avx2,fma"); the AVX2 one is chosen at run
-// time where the CPU has it.
+// kernel is compiled three times: portable (8 floats per vector, SSE2 pairs), target("avx2,fma")
+// (8 floats) and AVX-512 (16 floats: half the instructions per element for the exps, which bound
+// the kernel once the row is in L1/L2); common/cpu_isa.h picks one per call. The three differ in
+// the order of the float block sums (and FMA contraction), so they agree to rounding, not bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -51,6 +53,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -60,6 +63,10 @@
 #include "common/output_pool.h"
 #include "common/parallel.h"
 #include "common/vec_math.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 
 namespace {
@@ -71,6 +78,7 @@ using kdvec::load;
 using kdvec::store;
 using kdvec::Traits;
 using kdvec::v4d;
+using kdvec::v16f;
 using kdvec::v8f;
 
 #define KD_INLINE inline __attribute__((always_inline))
@@ -122,6 +130,36 @@ struct RowSums {
   double U = 0;           // precise: sum ea expm1((t - s)/T)
   double S1 = 0, X = 0;   // CE: sum exp(s - ms), sum (s - ms)
 };
+
+// Lane-wise selections that need two comparisons. Written plainly for 8-float and double
+// vectors; for 16 floats through AVX-512 mask registers, because GCC 12 evaluates a select whose
+// conditions it merged (AND / OR of compares) lane by lane for 512-bit vectors, with scalar
+// compares and branches (measured 1.6x slower for the whole bf16 row). (Plain inline: an
+// always_inline target function cannot be inlined into the template bodies, which are compiled
+// for the default target before they are inlined into the AVX-512 row function.)
+// a where e != 0 (NaN counts as != 0) and |r| < half (r not NaN), else b.
+template <class VT>
+KD_INLINE VT near(VT e, VT r, VT half, VT a, VT b) {
+  return e != 0 ? (r < half ? (r > -half ? a : b) : b) : b;
+}
+// a where s or t is not -inf (an entry kept by the T = inf limit), else b.
+template <class VT, class E>
+KD_INLINE VT kept(VT s, VT t, VT a, VT b, E ninf) {
+  return s != ninf ? a : (t != ninf ? a : b);
+}
+#if defined(__x86_64__) || defined(__i386__)
+KD_TARGET_AVX512_FLOAT inline v16f near(v16f e, v16f r, v16f half, v16f a, v16f b) {
+  const __m512 absr = _mm512_abs_ps((__m512)r);
+  const __mmask16 m = _mm512_cmp_ps_mask((__m512)e, _mm512_setzero_ps(), _CMP_NEQ_UQ) &
+                      _mm512_cmp_ps_mask(absr, (__m512)half, _CMP_LT_OQ);
+  return (v16f)_mm512_mask_blend_ps(m, (__m512)b, (__m512)a);
+}
+KD_TARGET_AVX512_FLOAT inline v16f kept(v16f s, v16f t, v16f a, v16f b, float ninf) {
+  const __m512 vn = _mm512_set1_ps(ninf);
+  const __mmask16 m = _mm512_cmp_ps_mask((__m512)s, vn, _CMP_NEQ_UQ) | _mm512_cmp_ps_mask((__m512)t, vn, _CMP_NEQ_UQ);
+  return (v16f)_mm512_mask_blend_ps(m, (__m512)b, (__m512)a);
+}
+#endif
 
 template <class E>
 KD_INLINE double block_factor(E ref, E m, double scale) {
@@ -232,9 +270,8 @@ KD_INLINE void RowPasses<VT, MODE, CE>::pass1(const RowIO<E>& io, const RowArgs&
       }
       if (MODE == M_INF) {
         VT xt = load<VT>(t + i, n, ninf);
-        M keep = (xs != ninf) | (xt != ninf);
-        aSa += keep ? xs - xt : zero;    // sum of d = s - t over kept entries
-        aSb += keep ? VT{} + 1 : zero;   // V' (exact: at most kBlock per lane sum)
+        aSa += kept(xs, xt, xs - xt, zero, ninf);  // sum of d = s - t over kept entries
+        aSb += kept(xs, xt, VT{} + 1, zero, ninf);  // V' (exact: at most kBlock per lane sum)
       }
       if (CE) {
         if (!cesh) {
@@ -289,6 +326,13 @@ KD_INLINE void acc_wx(v4d& aw, v4d& awx, v8f w, v8f x) {
   acc_wx(aw, awx, w0, x0);
   acc_wx(aw, awx, w1, x1);
 }
+KD_INLINE void acc_wx(v4d& aw, v4d& awx, v16f w, v16f x) {  // 16-wide: two 8-float halves
+  v8f w0, w1, x0, x1;
+  kdvec::halves(w, w0, w1);
+  kdvec::halves(x, x0, x1);
+  acc_wx(aw, awx, w0, x0);
+  acc_wx(aw, awx, w1, x1);
+}
 KD_INLINE void acc_wlr(v4d& aw, v4d& awx, v4d w, v4d s, v4d t, const LogRatioD& L) {
   acc_wx(aw, awx, w, L(s, t));
 }
@@ -300,6 +344,14 @@ KD_INLINE void acc_wlr(v4d& aw, v4d& awx, v8f w, v8f s, v8f t, const LogRatioD& 
   acc_wx(aw, awx, w0, L(s0, t0));
   acc_wx(aw, awx, w1, L(s1, t1));
 }
+KD_INLINE void acc_wlr(v4d& aw, v4d& awx, v16f w, v16f s, v16f t, const LogRatioD& L) {
+  v8f w0, w1, s0, s1, t0, t1;
+  kdvec::halves(w, w0, w1);
+  kdvec::halves(s, s0, s1);
+  kdvec::halves(t, t0, t1);
+  acc_wlr(aw, awx, w0, s0, t0, L);
+  acc_wlr(aw, awx, w1, s1, t1, L);
+}
 // lr - C and x - C, formed in double and rounded once to the element type.
 KD_INLINE v4d lr_minus(v4d s, v4d t, double C, const LogRatioD& L) { return L(s, t) - C; }
 KD_INLINE v8f lr_minus(v8f s, v8f t, double C, const LogRatioD& L) {
@@ -308,11 +360,22 @@ KD_INLINE v8f lr_minus(v8f s, v8f t, double C, const LogRatioD& L) {
   kdvec::widen(t, t0, t1);
   return kdvec::narrow(L(s0, t0) - C, L(s1, t1) - C);
 }
+KD_INLINE v16f lr_minus(v16f s, v16f t, double C, const LogRatioD& L) {
+  v8f s0, s1, t0, t1;
+  kdvec::halves(s, s0, s1);
+  kdvec::halves(t, t0, t1);
+  return kdvec::join(lr_minus(s0, t0, C, L), lr_minus(s1, t1, C, L));
+}
 KD_INLINE v4d minus_d(v4d x, double C) { return x - C; }
 KD_INLINE v8f minus_d(v8f x, double C) {
   v4d x0, x1;
   kdvec::widen(x, x0, x1);
   return kdvec::narrow(x0 - C, x1 - C);
+}
+KD_INLINE v16f minus_d(v16f x, double C) {
+  v8f x0, x1;
+  kdvec::halves(x, x0, x1);
+  return kdvec::join(minus_d(x0, C), minus_d(x1, C));
 }
 
 // log p_i - log q_i in float (for k = cF). Default: on the shifted logits, (t - mt)/T - (s - ms)/T
@@ -460,8 +523,7 @@ KD_INLINE double RowPasses<VT, MODE, CE>::finish_row(const RowIO<E>& io, int64_t
             // a q that rounds to 0 in cA * ea is NaN; there p and q differ, nothing cancels.
             VT xs = load<VT>(s + i, n, ninf), xt = load<VT>(t + i, n, ninf);
             VT r = LOG_RATIO(xs, xt, cF);
-            M near = (ea != 0) & (r < half) & (r > -half);
-            g = near ? -(cA * ea) * kdvec::vexpm1(r) : cA * ea - cB * eb;
+            g = near(ea, r, half, -(cA * ea) * kdvec::vexpm1(r), cA * ea - cB * eb);
           } else {
             g = cA * ea - cB * eb;
           }
@@ -478,8 +540,7 @@ KD_INLINE double RowPasses<VT, MODE, CE>::finish_row(const RowIO<E>& io, int64_t
             VT h;
             if (precise) {  // p - q, from the log-ratio where it is small (as for grad_s above)
               VT r = LOG_RATIO(xs, xt, cF);
-              M near = (ea != 0) & (r < half) & (r > -half);
-              h = near ? (cA * ea) * kdvec::vexpm1(r) : cB * eb - cA * ea;
+              h = near(ea, r, half, (cA * ea) * kdvec::vexpm1(r), cB * eb - cA * ea);
             } else {
               h = cB * eb - cA * ea;
             }
@@ -514,8 +575,7 @@ KD_INLINE double RowPasses<VT, MODE, CE>::finish_row(const RowIO<E>& io, int64_t
       for (int64_t i = i0; i < i1; i += W) {
         const int n = i1 - i >= W ? W : int(i1 - i);
         VT xs = load<VT>(s + i, n, ninf), xt = load<VT>(t + i, n, ninf);
-        M keep = (xs != ninf) | (xt != ninf);
-        VT dc = keep ? (xs - xt) - md : zero;
+        VT dc = kept(xs, xt, (xs - xt) - md, zero, ninf);
         aq += dc * dc;
         VT g = cg * dc;
         if (CE) g += c1 * load<VT>(st_1 + i, n, 0) - cE;
@@ -581,8 +641,81 @@ KD_INLINE double kd_row(const RowIO<typename Traits<VT>::E>& io_in, int64_t y,
   }
 }
 
-// Out-of-line instances of the row kernel: float (portable and AVX2+FMA) and double.
+// bf16 rows to float and back, W lanes at a time: widening is a 16-bit shift; narrowing rounds to
+// nearest even exactly as c10::BFloat16 does (NaN -> 0x7fc0), so every build stores the same bits.
+template <int W>
+struct Bf16Vec;
+template <>
+struct Bf16Vec<8> {
+  typedef uint16_t vh __attribute__((vector_size(16)));
+  typedef kdvec::v8u vu;
+  typedef kdvec::v8i vi;
+  typedef kdvec::v8f vf;
+};
+template <>
+struct Bf16Vec<16> {
+  typedef uint16_t vh __attribute__((vector_size(32)));
+  typedef kdvec::v16u vu;
+  typedef kdvec::v16i vi;
+  typedef kdvec::v16f vf;
+};
+
+template <int W>
+KD_INLINE void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
+  using vh = typename Bf16Vec<W>::vh;
+  using vu = typename Bf16Vec<W>::vu;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    vh h;
+    std::memcpy(&h, src + i, sizeof(h));
+    const vu u = __builtin_convertvector(h, vu) << 16;
+    std::memcpy(dst + i, &u, sizeof(u));
+  }
+  for (; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(dst + i, &u, sizeof(u));
+  }
+}
+KD_INLINE uint16_t narrow_bf16_one(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  if (x != x) return 0x7fc0;
+  return static_cast<uint16_t>((u + (((u >> 16) & 1u) + 0x7fffu)) >> 16);
+}
+template <int W>
+KD_INLINE void narrow_bf16(const float* src, uint16_t* dst, int64_t n) {
+  using vf = typename Bf16Vec<W>::vf;
+  using vh = typename Bf16Vec<W>::vh;
+  using vu = typename Bf16Vec<W>::vu;
+  using vi = typename Bf16Vec<W>::vi;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    vf x;
+    std::memcpy(&x, src + i, sizeof(x));
+    vu u;
+    std::memcpy(&u, &x, sizeof(u));
+    const vu r = (u + (((u >> 16) & 1u) + 0x7fffu)) >> 16;
+    const vi nan = x != x;
+    const vu out = nan ? vu{} + 0x7fc0u : r;
+    const vh h = __builtin_convertvector(out, vh);
+    std::memcpy(dst + i, &h, sizeof(h));
+  }
+  for (; i < n; ++i) dst[i] = narrow_bf16_one(src[i]);
+}
+
+// Out-of-line instances of the row kernel: float (portable, AVX2+FMA with 8-float vectors,
+// AVX-512 with 16-float vectors) and double; and of the bf16 conversions per build.
 using RowFnF = double (*)(const RowIO<float>&, int64_t, const RowArgs&);
+using WidenFn = void (*)(const uint16_t*, float*, int64_t);
+using NarrowFn = void (*)(const float*, uint16_t*, int64_t);
+struct RowFns {
+  RowFnF row;
+  WidenFn widen;
+  NarrowFn narrow;
+};
+
+__attribute__((noinline)) void widen_portable(const uint16_t* s, float* d, int64_t n) { widen_bf16<8>(s, d, n); }
+__attribute__((noinline)) void narrow_portable(const float* s, uint16_t* d, int64_t n) { narrow_bf16<8>(s, d, n); }
 
 __attribute__((noinline)) double row_f32_portable(const RowIO<float>& io, int64_t y,
                                                   const RowArgs& a) {
@@ -595,18 +728,36 @@ __attribute__((noinline, target("avx2,fma"))) double row_f32_avx2(const RowIO<fl
                                                                    int64_t y, const RowArgs& a) {
   return kd_row<v8f>(io, y, a);
 }
+__attribute__((noinline)) KD_TARGET_AVX512_FLOAT double row_f32_avx512(const RowIO<float>& io,
+                                                                        int64_t y, const RowArgs& a) {
+  return kd_row<v16f>(io, y, a);
+}
+__attribute__((noinline, target("avx2,fma"))) void widen_avx2(const uint16_t* s, float* d, int64_t n) {
+  widen_bf16<8>(s, d, n);
+}
+__attribute__((noinline, target("avx2,fma"))) void narrow_avx2(const float* s, uint16_t* d, int64_t n) {
+  narrow_bf16<8>(s, d, n);
+}
+__attribute__((noinline)) KD_TARGET_AVX512_FLOAT void widen_avx512(const uint16_t* s, float* d, int64_t n) {
+  widen_bf16<16>(s, d, n);
+}
+__attribute__((noinline)) KD_TARGET_AVX512_FLOAT void narrow_avx512(const float* s, uint16_t* d, int64_t n) {
+  narrow_bf16<16>(s, d, n);
+}
 #endif
 
 __attribute__((noinline)) double row_f64(const RowIO<double>& io, int64_t y, const RowArgs& a) {
   return kd_row<v4d>(io, y, a);
 }
 
-// The AVX2+FMA build where common/cpu_isa.h allows it.
-RowFnF pick_row_f32() {
+// The build that common/cpu_isa.h picks for the float kernels.
+RowFns pick_row_fns() {
 #ifdef KD_HAVE_AVX2_BUILD
-  if (kdengine::use_avx2_fma()) return &row_f32_avx2;
+  const int64_t isa = kdengine::cpu_isa(kdengine::kFloat);
+  if (isa >= kdengine::kIsaAvx512) return {&row_f32_avx512, &widen_avx512, &narrow_avx512};
+  if (isa >= kdengine::kIsaAvx2) return {&row_f32_avx2, &widen_avx2, &narrow_avx2};
 #endif
-  return &row_f32_portable;
+  return {&row_f32_portable, &widen_portable, &narrow_portable};
 }
 
 template <class IN>
@@ -622,7 +773,7 @@ struct MathOf<double> {
 // [0, V) (with the CE term on) gives a NaN row.
 template <class IN>
 void run_rows(const IN* s, const IN* t, const int64_t* lab, IN* gs, IN* gt, double* row_loss,
-              int64_t b, int64_t e, int64_t ignore_index, const RowArgs& A, RowFnF fnf) {
+              int64_t b, int64_t e, int64_t ignore_index, const RowArgs& A, const RowFns& fns) {
   using E = typename MathOf<IN>::type;
   constexpr bool kWiden = !std::is_same<IN, E>::value;  // bf16 / fp16: widen rows to float
   const int64_t V = A.V;
@@ -659,7 +810,14 @@ void run_rows(const IN* s, const IN* t, const int64_t* lab, IN* gs, IN* gt, doub
       }
     }
     RowIO<E> io;
-    if constexpr (kWiden) {
+    if constexpr (std::is_same<IN, c10::BFloat16>::value) {  // vector conversions of this build
+      fns.widen(reinterpret_cast<const uint16_t*>(sr), ws, V);
+      if (A.mode != M_CE_ONLY) fns.widen(reinterpret_cast<const uint16_t*>(tr), wt, V);
+      io.s = ws;
+      io.t = wt;
+      io.gs = wgs;
+      io.gt = gtr ? wgt : nullptr;
+    } else if constexpr (kWiden) {
       for (int64_t i = 0; i < V; ++i) ws[i] = static_cast<float>(sr[i]);
       if (A.mode != M_CE_ONLY)
         for (int64_t i = 0; i < V; ++i) wt[i] = static_cast<float>(tr[i]);
@@ -682,9 +840,12 @@ void run_rows(const IN* s, const IN* t, const int64_t* lab, IN* gs, IN* gt, doub
     if constexpr (std::is_same<E, double>::value) {
       loss = row_f64(io, y, A);
     } else {
-      loss = fnf(io, y, A);
+      loss = fns.row(io, y, A);
     }
-    if constexpr (kWiden) {  // the one rounding of the gradient
+    if constexpr (std::is_same<IN, c10::BFloat16>::value) {  // the one rounding of the gradient
+      fns.narrow(wgs, reinterpret_cast<uint16_t*>(gsr), V);
+      if (gtr) fns.narrow(wgt, reinterpret_cast<uint16_t*>(gtr), V);
+    } else if constexpr (kWiden) {  // the one rounding of the gradient
       for (int64_t i = 0; i < V; ++i) gsr[i] = static_cast<IN>(wgs[i]);
       if (gtr)
         for (int64_t i = 0; i < V; ++i) gtr[i] = static_cast<IN>(wgt[i]);
@@ -776,14 +937,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
   // Enough rows per task that a task is worth a thread (~64K elements).
   const int64_t grain = std::max<int64_t>(1, 65536 / V);
 
-  const RowFnF fnf = pick_row_f32();
+  const RowFns fns = pick_row_fns();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "kd_loss_fwd_cpu", [&] {
     const scalar_t* sp = s.data_ptr<scalar_t>();
     const scalar_t* tp = t.data_ptr<scalar_t>();
     scalar_t* gsp = gs.data_ptr<scalar_t>();
     scalar_t* gtp = need_teacher_grad ? gt.data_ptr<scalar_t>() : nullptr;
     kdengine::parallel_for_dynamic(0, N, grain, [&](int64_t b, int64_t e) {
-      run_rows<scalar_t>(sp, tp, lp, gsp, gtp, rl, b, e, ignore_index, A, fnf);
+      run_rows<scalar_t>(sp, tp, lp, gsp, gtp, rl, b, e, ignore_index, A, fns);
     });
   });
 

@@ -28,7 +28,8 @@
 // log_softmax. Memory/layout: x, g contiguous row-major (N, V); indices contiguous (N, k) in
 // [0, V) (checked by the Python caller, out-of-range indices are skipped here, never read).
 // g comes from kdengine's output pool (common/output_pool.h), like kd_loss's gradients.
-// Vector code is compiled twice, portable and target("avx2,fma"), chosen at run time.
+// Vector code is compiled three times, portable, target("avx2,fma") (8 floats per vector) and
+// AVX-512 (16 floats), chosen per call by common/cpu_isa.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -47,6 +48,7 @@
 
 namespace {
 
+using kdvec::v16f;
 using kdvec::v8f;
 constexpr int64_t kBlock = 512;
 
@@ -57,36 +59,38 @@ struct StatsOut {
   double sumx;
 };
 
+template <class VT>
 KDV_INLINE StatsOut stats_row_impl(const float* x, int64_t V, float inv_t, const float* w) {
   using namespace kdvec;
+  constexpr int W = Traits<VT>::W;
   // pass 1: maximum (NaN kept out of the max; it reaches the sums through exp) and sum of x
-  v8f vm = bcast<v8f>(-std::numeric_limits<float>::infinity());
+  VT vm = bcast<VT>(-std::numeric_limits<float>::infinity());
   double sx = 0.0;
   for (int64_t b = 0; b < V; b += kBlock) {
     const int64_t be = std::min(V, b + kBlock);
-    v8f acc{};
-    for (int64_t i = b; i < be; i += 8) {
-      const int n = static_cast<int>(std::min<int64_t>(8, be - i));
-      v8f v = load<v8f>(x + i, n, -std::numeric_limits<float>::infinity());
+    VT acc{};
+    for (int64_t i = b; i < be; i += W) {
+      const int n = static_cast<int>(std::min<int64_t>(W, be - i));
+      VT v = load<VT>(x + i, n, -std::numeric_limits<float>::infinity());
       vm = v > vm ? v : vm;
-      v8f vz = load<v8f>(x + i, n, 0.0f);
+      VT vz = load<VT>(x + i, n, 0.0f);
       acc += vz;
     }
     sx += hsum(acc);
   }
   const float m = hmax(vm);
-  const v8f vmb = bcast<v8f>(m);
-  const v8f vt = bcast<v8f>(inv_t);
+  const VT vmb = bcast<VT>(m);
+  const VT vt = bcast<VT>(inv_t);
   double s_all = 0.0, s_off = 0.0;
   for (int64_t b = 0; b < V; b += kBlock) {
     const int64_t be = std::min(V, b + kBlock);
-    v8f acc{}, acco{};
-    for (int64_t i = b; i < be; i += 8) {
-      const int n = static_cast<int>(std::min<int64_t>(8, be - i));
-      v8f v = load<v8f>(x + i, n, -std::numeric_limits<float>::infinity());
-      v8f e = vexp_nonpos((v - vmb) * vt);
+    VT acc{}, acco{};
+    for (int64_t i = b; i < be; i += W) {
+      const int n = static_cast<int>(std::min<int64_t>(W, be - i));
+      VT v = load<VT>(x + i, n, -std::numeric_limits<float>::infinity());
+      VT e = vexp_nonpos((v - vmb) * vt);
       acc += e;
-      if (w != nullptr) acco += e * load<v8f>(w + i, n, 0.0f);
+      if (w != nullptr) acco += e * load<VT>(w + i, n, 0.0f);
     }
     s_all += hsum(acc);
     if (w != nullptr) s_off += hsum(acco);
@@ -99,16 +103,18 @@ KDV_INLINE StatsOut stats_row_impl(const float* x, int64_t V, float inv_t, const
   return o;
 }
 
+template <class VT>
 KDV_INLINE void grad_row_impl(const float* x, float* g, int64_t V, float m, float inv_t,
                               float logsum, float c1, float c0) {
   using namespace kdvec;
-  const v8f vmb = bcast<v8f>(m), vt = bcast<v8f>(inv_t), vls = bcast<v8f>(logsum);
-  const v8f v1 = bcast<v8f>(c1), v0 = bcast<v8f>(c0);
-  for (int64_t i = 0; i < V; i += 8) {
-    const int n = static_cast<int>(std::min<int64_t>(8, V - i));
-    v8f v = load<v8f>(x + i, n, -std::numeric_limits<float>::infinity());
-    v8f p = vexp_nonpos((v - vmb) * vt - vls);
-    store<v8f>(g + i, v1 * p + v0, n);
+  constexpr int W = Traits<VT>::W;
+  const VT vmb = bcast<VT>(m), vt = bcast<VT>(inv_t), vls = bcast<VT>(logsum);
+  const VT v1 = bcast<VT>(c1), v0 = bcast<VT>(c0);
+  for (int64_t i = 0; i < V; i += W) {
+    const int n = static_cast<int>(std::min<int64_t>(W, V - i));
+    VT v = load<VT>(x + i, n, -std::numeric_limits<float>::infinity());
+    VT p = vexp_nonpos((v - vmb) * vt - vls);
+    store<VT>(g + i, v1 * p + v0, n);
   }
 }
 
@@ -116,26 +122,35 @@ using StatsFn = StatsOut (*)(const float*, int64_t, float, const float*);
 using GradFn = void (*)(const float*, float*, int64_t, float, float, float, float, float);
 
 __attribute__((noinline)) StatsOut stats_portable(const float* x, int64_t V, float t, const float* w) {
-  return stats_row_impl(x, V, t, w);
+  return stats_row_impl<v8f>(x, V, t, w);
 }
 __attribute__((noinline)) void grad_portable(const float* x, float* g, int64_t V, float m, float t,
                                              float ls, float c1, float c0) {
-  grad_row_impl(x, g, V, m, t, ls, c1, c0);
+  grad_row_impl<v8f>(x, g, V, m, t, ls, c1, c0);
 }
 #if defined(__x86_64__) || defined(__i386__)
 #define TOPK_HAVE_AVX2 1
 __attribute__((noinline, target("avx2,fma"))) StatsOut stats_avx2(const float* x, int64_t V, float t,
                                                                   const float* w) {
-  return stats_row_impl(x, V, t, w);
+  return stats_row_impl<v8f>(x, V, t, w);
 }
 __attribute__((noinline, target("avx2,fma"))) void grad_avx2(const float* x, float* g, int64_t V,
                                                              float m, float t, float ls, float c1,
                                                              float c0) {
-  grad_row_impl(x, g, V, m, t, ls, c1, c0);
+  grad_row_impl<v8f>(x, g, V, m, t, ls, c1, c0);
+}
+__attribute__((noinline)) KD_TARGET_AVX512_FLOAT StatsOut stats_avx512(const float* x, int64_t V, float t,
+                                                                       const float* w) {
+  return stats_row_impl<v16f>(x, V, t, w);
+}
+__attribute__((noinline)) KD_TARGET_AVX512_FLOAT void grad_avx512(const float* x, float* g, int64_t V,
+                                                                  float m, float t, float ls, float c1,
+                                                                  float c0) {
+  grad_row_impl<v16f>(x, g, V, m, t, ls, c1, c0);
 }
 #endif
 
-// The row functions of one build: AVX2+FMA where common/cpu_isa.h allows it, else portable.
+// The row functions of the build common/cpu_isa.h picks for the float kernels.
 struct RowFns {
   StatsFn stats;
   GradFn grad;
@@ -143,7 +158,9 @@ struct RowFns {
 
 RowFns row_fns() {
 #ifdef TOPK_HAVE_AVX2
-  if (kdengine::use_avx2_fma()) return {&stats_avx2, &grad_avx2};
+  const int64_t isa = kdengine::cpu_isa(kdengine::kFloat);
+  if (isa >= kdengine::kIsaAvx512) return {&stats_avx512, &grad_avx512};
+  if (isa >= kdengine::kIsaAvx2) return {&stats_avx2, &grad_avx2};
 #endif
   return {&stats_portable, &grad_portable};
 }
