@@ -186,7 +186,8 @@ def test_every_cpu_build_matches_reference(isa, config, surrogate, seed, monkeyp
 
 def test_cpu_gradients_do_not_depend_on_thread_count(seed):
     """The tau / threshold gradients are summed in fixed groups of neurons: 1 and 2 threads give
-    the same bits (N large enough for the kernel to split it)."""
+    the same bits (N large enough for the kernel to split it; on one thread it walks several
+    blocks of neurons), and both match the reference."""
     if not _dispatch.op_availability("lif_multistep", "cpu", "cpu").available:
         pytest.skip("the cpu backend is not available here")
     x = _x((16, 5003))
@@ -200,9 +201,11 @@ def test_cpu_gradients_do_not_depend_on_thread_count(seed):
     finally:
         torch.set_num_threads(threads)
     (s0, v0, g0), (s1, v1, g1) = out
-    assert torch.equal(s0, s1) and torch.equal(v0, v1)
+    rs, rv, rg = _run("reference", x, gs, config=CONFIGS[1], surrogate="sigmoid")
+    assert torch.equal(s0, s1) and torch.equal(v0, v1) and torch.equal(s0, rs) and torch.equal(v0, rv)
     for k in ("x", "leak", "thr"):
         assert torch.equal(g0[k], g1[k]), k
+        _close(g0[k], rg[k], 2e-5, 2e-5, f"grad {k}, seed={seed}")
 
 
 # --------------------------------------------------------------------------- backward
