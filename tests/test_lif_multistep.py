@@ -146,20 +146,66 @@ def test_non_contiguous_input(backend, seed):
                        lif_multistep(x.contiguous(), 1.7, THR, backend="reference"))
 
 
-def test_avx2_and_portable_builds_agree(seed, monkeypatch):
-    """The CPU kernel's AVX2 and portable builds: identical spikes, potentials and gradients."""
+CPU_ISAS = ["portable", "avx2", "avx512"]
+# tau = 2 takes the forward's exact multiply by 1/tau, tau = 1.7 the division, decay the multiply
+ISA_CONFIGS = [(-0.25, True, "decay", 0.37), (None, True, "tau", 2.0), (0.0, False, "tau", 1.7)]
+
+
+def _force_isa(monkeypatch, isa):
+    """Run the CPU kernel's ``isa`` build (skips where this CPU lacks it)."""
     if not _dispatch.op_availability("lif_multistep", "cpu", "cpu").available:
         pytest.skip("the cpu backend is not available here")
-    x = _x((9, 3, 37))
+    monkeypatch.delenv("KDENGINE_CPU_PORTABLE", raising=False)
+    monkeypatch.setenv("KDENGINE_LIF_ISA", isa)
+    try:
+        lif_multistep(torch.zeros(1, 1), backend="cpu")
+    except RuntimeError as exc:
+        if "does not have it" in str(exc):
+            pytest.skip(f"this CPU lacks {isa}")
+        raise
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("config", ISA_CONFIGS, ids=["hard-in-decay", "soft-in-tau2", "hard0-noin-tau"])
+@pytest.mark.parametrize("surrogate", ["atan", "sigmoid"])
+def test_every_cpu_build_matches_reference(isa, config, surrogate, seed, monkeypatch):
+    """Each build the CPU has (forced): spikes and potentials identical to the reference, gradients
+    (x, v_init, leak, threshold) close to its autograd. N = 2 * 64 + 37: whole and partial
+    vectors (8 / 16 lanes) and gradient groups (64 neurons)."""
+    _force_isa(monkeypatch, isa)
+    x = _x((9, 165))
+    v0 = torch.randn(165) * 0.5
+    gs, gv = torch.randn(x.shape), torch.randn(165)
+    kw = dict(config=config, surrogate=surrogate, alpha=3.0)
+    s, v, g = _run("cpu", x, gs, gv, v0, **kw)
+    rs, rv, rg = _run("reference", x, gs, gv, v0, **kw)
+    assert torch.equal(s, rs) and torch.equal(v, rv)
+    for k in ("x", "v_init", "leak", "thr"):
+        _close(g[k], rg[k], 2e-5, 2e-5, f"grad {k} ({isa}), seed={seed}")
+
+
+def test_cpu_gradients_do_not_depend_on_thread_count(seed):
+    """The tau / threshold gradients are summed in fixed groups of neurons: 1 and 2 threads give
+    the same bits (N large enough for the kernel to split it; on one thread it walks several
+    blocks of neurons), and both match the reference."""
+    if not _dispatch.op_availability("lif_multistep", "cpu", "cpu").available:
+        pytest.skip("the cpu backend is not available here")
+    x = _x((16, 5003))
     gs = torch.randn(x.shape)
+    threads = torch.get_num_threads()
     out = []
-    for portable in ("1", "0"):
-        monkeypatch.setenv("KDENGINE_CPU_PORTABLE", portable)
-        out.append(_run("cpu", x, gs, config=(-0.25, True, "decay", 0.37), surrogate="sigmoid"))
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out.append(_run("cpu", x, gs, config=CONFIGS[1], surrogate="sigmoid"))
+    finally:
+        torch.set_num_threads(threads)
     (s0, v0, g0), (s1, v1, g1) = out
-    assert torch.equal(s0, s1) and torch.equal(v0, v1)
+    rs, rv, rg = _run("reference", x, gs, config=CONFIGS[1], surrogate="sigmoid")
+    assert torch.equal(s0, s1) and torch.equal(v0, v1) and torch.equal(s0, rs) and torch.equal(v0, rv)
     for k in ("x", "leak", "thr"):
-        torch.testing.assert_close(g0[k], g1[k], rtol=1e-6, atol=1e-6)
+        assert torch.equal(g0[k], g1[k]), k
+        _close(g0[k], rg[k], 2e-5, 2e-5, f"grad {k}, seed={seed}")
 
 
 # --------------------------------------------------------------------------- backward
