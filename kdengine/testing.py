@@ -76,7 +76,7 @@ def binary_isa(isa: int) -> contextlib.AbstractContextManager:
 
 
 def set_float_isa(isa: int) -> int:
-    """Run the C++ float kernels (kd_loss, topk_kd, if_multistep) with ``isa`` (0 portable,
+    """Run the C++ float kernels (kd_loss, topk_kd, if_multistep, lif_multistep) with ``isa`` (0 portable,
     2 AVX2+FMA, 3 AVX-512; -1 automatic); returns the previous setting. Raises ValueError when
     this CPU lacks the instruction set (and for 1: these kernels have no POPCNT build)."""
     return int(_cpu().cpu_force_isa(_cpu_isa.FAMILIES["float"], isa))

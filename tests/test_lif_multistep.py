@@ -147,32 +147,41 @@ def test_non_contiguous_input(backend, seed):
 
 
 CPU_ISAS = ["portable", "avx2", "avx512"]
+ISA_IDS = {"portable": 0, "avx2": 2, "avx512": 3}   # the float family's levels (kdengine.testing)
 # tau = 2 takes the forward's exact multiply by 1/tau, tau = 1.7 the division, decay the multiply
 ISA_CONFIGS = [(-0.25, True, "decay", 0.37), (None, True, "tau", 2.0), (0.0, False, "tau", 1.7)]
 
 
-def _force_isa(monkeypatch, isa):
-    """Run the CPU kernel's ``isa`` build (skips where this CPU lacks it)."""
+@pytest.fixture
+def _force_isa(monkeypatch):
+    """``force(isa)`` runs the CPU kernel's ``isa`` build for the rest of the test (the float
+    family's knob, shared with the KD and IF kernels; skips where this CPU lacks it)."""
     if not _dispatch.op_availability("lif_multistep", "cpu", "cpu").available:
         pytest.skip("the cpu backend is not available here")
+    from kdengine import testing
+
     monkeypatch.delenv("KDENGINE_CPU_PORTABLE", raising=False)
-    monkeypatch.setenv("KDENGINE_LIF_ISA", isa)
-    try:
-        lif_multistep(torch.zeros(1, 1), backend="cpu")
-    except RuntimeError as exc:
-        if "does not have it" in str(exc):
+    old = []
+
+    def force(isa: str) -> None:
+        if ISA_IDS[isa] not in testing.float_isas():
             pytest.skip(f"this CPU lacks {isa}")
-        raise
+        old.append(testing.set_float_isa(ISA_IDS[isa]))
+        assert testing.isa_in_use("float")[0] == ISA_IDS[isa]
+
+    yield force
+    for prev in reversed(old):
+        testing.set_float_isa(prev)
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("config", ISA_CONFIGS, ids=["hard-in-decay", "soft-in-tau2", "hard0-noin-tau"])
 @pytest.mark.parametrize("surrogate", ["atan", "sigmoid"])
-def test_every_cpu_build_matches_reference(isa, config, surrogate, seed, monkeypatch):
+def test_every_cpu_build_matches_reference(isa, config, surrogate, seed, _force_isa):
     """Each build the CPU has (forced): spikes and potentials identical to the reference, gradients
     (x, v_init, leak, threshold) close to its autograd. N = 2 * 64 + 37: whole and partial
     vectors (8 / 16 lanes) and gradient groups (64 neurons)."""
-    _force_isa(monkeypatch, isa)
+    _force_isa(isa)
     x = _x((9, 165))
     v0 = torch.randn(165) * 0.5
     gs, gv = torch.randn(x.shape), torch.randn(165)

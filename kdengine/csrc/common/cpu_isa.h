@@ -5,7 +5,7 @@
 // of kernels need different features:
 //   kBinary  (the XNOR / AND popcount GEMM and bit packing): portable < POPCNT < AVX2 (+POPCNT)
 //            < AVX-512 with VPOPCNTDQ (F, BW, VL, VPOPCNTDQ; Ice Lake, Sapphire Rapids, Zen 4/5)
-//   kFloat   (the KD row kernels, top-k KD, the IF neuron): portable < AVX2 + FMA
+//   kFloat   (the KD row kernels, top-k KD, the IF and LIF neurons): portable < AVX2 + FMA
 //            < AVX-512 (F, BW, VL, DQ; 16 floats per vector)
 // The answer is the best level this CPU has, unless
 //   * a test knob forces a level for the family (force_isa, process-wide: every thread sees the
@@ -112,7 +112,7 @@ inline std::string force_isa_error(IsaFamily family, int64_t isa) {
     return "isa must be -1 (auto), 0 (portable), 1 (popcnt), 2 (avx2) or 3 (avx512), got " +
            std::to_string(isa);
   if (isa >= 0 && !cpu_has_isa(family, isa)) {
-    const char* fam = family == kBinary ? "binary" : "float (kd_loss, topk_kd, if_multistep)";
+    const char* fam = family == kBinary ? "binary" : "float (kd_loss, topk_kd, if_multistep, lif_multistep)";
     return std::string("isa ") + std::to_string(isa) + " (" + isa_name(family, isa) +
            ") is not available for the " + fam + " kernels on this CPU";
   }

@@ -52,6 +52,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "common/cpu_isa.h"
 #include "common/output_pool.h"
 #include "common/parallel.h"
 #include "common/vec_math.h"
@@ -457,37 +458,17 @@ KDV_INLINE void bwd_range_impl(const scalar_t* __restrict__ x, const E* __restri
 // The builds of the kernels, and the run-time choice between them.
 enum class Isa { kPortable, kAvx2, kAvx512 };
 
-// The best build this CPU runs, capped by KDENGINE_CPU_PORTABLE (set, not "" or "0": portable)
-// and KDENGINE_LIF_ISA ("portable", "avx2" or "avx512"; a level the CPU lacks is refused).
-// Both are read per call, so tests compare the builds in one process.
+// The float family's level (common/cpu_isa.h: the CPU's best, KDENGINE_CPU_PORTABLE, or the
+// process-wide test knob), shared with the KD and IF kernels so one knob forces all of them.
 Isa isa_in_use() {
-#if defined(__x86_64__)
-  static const Isa best = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("fma"))
+  switch (kdengine::cpu_isa(kdengine::kFloat)) {
+    case kdengine::kIsaAvx512:
       return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kPortable;
-  }();
-#else
-  const Isa best = Isa::kPortable;
-#endif
-  const char* portable = std::getenv("KDENGINE_CPU_PORTABLE");
-  if (portable != nullptr && portable[0] != '\0' && portable[0] != '0') return Isa::kPortable;
-  const char* force = std::getenv("KDENGINE_LIF_ISA");
-  if (force == nullptr || force[0] == '\0') return best;
-  const std::string f(force);
-  const Isa want = f == "portable" ? Isa::kPortable
-                   : f == "avx2"   ? Isa::kAvx2
-                   : f == "avx512" ? Isa::kAvx512
-                                   : best;
-  TORCH_CHECK(f == "portable" || f == "avx2" || f == "avx512",
-              "KDENGINE_LIF_ISA must be portable, avx2 or avx512, got '", f, "'");
-  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best), "KDENGINE_LIF_ISA=", f,
-              ": this CPU does not have it");
-  return want;
+    case kdengine::kIsaAvx2:
+      return Isa::kAvx2;
+    default:
+      return Isa::kPortable;
+  }
 }
 
 #if defined(__x86_64__)
