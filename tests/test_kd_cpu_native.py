@@ -169,6 +169,22 @@ def test_portable_build_matches_the_avx2_build(monkeypatch, seed):
             _close(a, b, 1e-5, 1e-7, f"seed={seed} {kw}")
 
 
+@pytest.mark.parametrize("v", [1, 2, 5], ids=lambda v: f"V{v}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_p_minus_q_when_p_and_q_are_far_apart(v, dtype, cpu_float_path, seed):
+    """bf16/fp16 rows form p - q from the log-ratio and log(Sb/Sa) = log1p(sum q expm1(.)); that
+    sum is float, so near -1 (nearly one-hot p and q on different classes, T <= 1) log1p amplifies
+    its rounding a thousandfold. Such rows must take the direct form: p - q within the dtype's
+    rounding of the float64 oracle (an exactly-0 gradient at V = 1 stays below 1e-5)."""
+    n = 16
+    s, t = torch.randn(n, v, dtype=torch.float64) * 6, torch.randn(n, v, dtype=torch.float64) * 6
+    s[:, 0] += 10.0       # the student sure of class 0 ...
+    t[:, -1] += 10.0      # ... the teacher of the last one (the same one at V = 1)
+    for kw in (dict(temperature=0.9, divergence="reverse_kl"), dict(temperature=0.5),
+               dict(temperature=1.0, divergence="reverse_kl")):
+        _compare(s, t, dtype, 2e-2, teacher_grad=True, floor=1e-5, **kw)
+
+
 @pytest.mark.parametrize("v", [1, 13, 17, 31, 511, 513, 1031], ids=lambda v: f"V{v}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_every_path_odd_row_lengths(v, dtype, cpu_float_path, seed):

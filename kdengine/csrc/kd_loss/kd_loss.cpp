@@ -423,11 +423,15 @@ KD_INLINE double RowPasses<VT, MODE, CE>::finish_row(const RowIO<E>& io, int64_t
     double cLR = lSb - lSa;
     if (precise) {
       // lse(b) - lse(a) two ways: directly, and as log1p(sum q expm1((t - s)/T)), to which
-      // entries with s == t add exactly 0 (accurate when p ~ q). The second misses entries whose
-      // q underflowed; if the two disagree beyond rounding, keep the direct one.
+      // entries with s == t add exactly 0 (accurate when p ~ q). The second is taken only where
+      // it is well conditioned: u = sum q expm1(.) is summed in float, so its absolute error is
+      // ~1e-7, and log1p(u) near u = -1 turns that into a large error (u = -0.99998: ~3e-3 in
+      // cLR, and in every p - q of the row). It also misses entries whose q underflowed; if the
+      // two disagree beyond rounding, keep the direct one.
       const double direct = (static_cast<double>(mt) - ms) * A.invT + (lSb - lSa);
-      const double diff = std::log1p(R.U / Sa);
-      cLR = std::fabs(diff - direct) <= 1e-4 * (1.0 + std::fabs(direct)) ? diff : direct;
+      const double u = R.U / Sa;
+      const double diff = std::log1p(u);
+      cLR = std::fabs(u) <= 0.5 && std::fabs(diff - direct) <= 1e-4 * (1.0 + std::fabs(direct)) ? diff : direct;
     }
     const E cF = static_cast<E>(cLR);
     const double ck = nrm * A.K * A.invT;  // d/ds = (1/T) dD/da, times K nrm
