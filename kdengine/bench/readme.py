@@ -48,8 +48,8 @@ def bench_cpu(results: Path) -> str:
     rows = d["rows"]
     # the row's suite name -> the command's --suite name
     cli = {"kd_loss": "kd", "binary": "binary", "if_multistep": "spiking", "lif_multistep": "spiking",
-           "infer": "infer", "llm": "llm"}
-    suites = [name for key, name in cli.items() if any(r.get("suite") == key for r in rows)]
+           "snn_memory": "snn_memory", "infer": "infer", "llm": "llm", "cpu_isa": "isa"}
+    suites = list(dict.fromkeys(name for key, name in cli.items() if any(r.get("suite") == key for r in rows)))
     command = "kdengine bench" + "".join(f" --suite {name}" for name in suites)
     lines = [_source("bench_cpu.json"), "",
              f"Machine: {_machine(d['machine'])}. Command: `{command}`; baselines measured in the "
