@@ -51,7 +51,7 @@ def arm_names(neuron: str) -> tuple[str, str, str]:
 
 KD, LIGHT, SJ = arm_names("IF")
 ARMS = tuple(a for n in NEURONS for a in arm_names(n))
-FULL = dict(time_steps=4, channels=(8, 16), hidden=64, n_train=6000, epochs=2, batch_size=128, lr=2e-3,
+FULL = dict(time_steps=4, channels=(8, 16), hidden=64, n_train=20000, epochs=4, batch_size=128, lr=2e-3,
             rss=True)
 QUICK = dict(FULL, time_steps=2, channels=(4, 8), hidden=32, n_train=512, epochs=1, rss=False)
 QUICK_SIZES = (10, 512, 300, 300)   # teacher_train (unused), student_train, val, test
@@ -174,7 +174,7 @@ def _notes(rows: list[dict], extra: dict) -> list[str]:
 @register("snn_conv_fashion", "spiking CNN trained with surrogate gradients on Fashion-MNIST: kdengine's fused IF and "
                               "parametric LIF (plain and memory-light BPTT) vs SpikingJelly's IFNode / "
                               "ParametricLIFNode, time per epoch, accuracy, memory",
-          minutes=9, quick_minutes=0.5, seeds=(0,), threads=2)
+          minutes=9, quick_minutes=0.5, seeds=(0,), record_subdir="", threads=2)
 def entry(args: ReproArgs) -> dict:
     log = print
     cfg = QUICK if args.quick else FULL
