@@ -156,7 +156,10 @@ def test_low_precision_long_rows_round_once(dtype, cpu_float_path, seed):
 
 
 def test_portable_build_matches_the_avx2_build(monkeypatch, seed):
-    """KDENGINE_CPU_PORTABLE=1 selects the portable build (the only one on CPUs without AVX2)."""
+    """KDENGINE_CPU_PORTABLE=1 selects the portable build (the only one on CPUs without AVX2). The
+    builds sum in different orders and use different exp/log polynomials: entries ~1e-6 of the
+    largest gradient (JSD at T = 0.5) differ by ~4e-5 relative between builds, as each does from
+    the float64 oracle, hence an absolute floor of 1e-6 of the largest value."""
     s, t = torch.randn(5, 1029) * 3, torch.randn(5, 1029) * 3
     labels = torch.tensor([0, 5, -100, 1028, 77])
     for kw in (dict(temperature=2.0), dict(temperature=0.5, divergence="jsd", labels=labels,
@@ -166,7 +169,7 @@ def test_portable_build_matches_the_avx2_build(monkeypatch, seed):
         portable = _run("cpu", s, t, teacher_grad=True, **kw)
         monkeypatch.delenv("KDENGINE_CPU_PORTABLE")
         for a, b in zip(fast, portable):
-            _close(a, b, 1e-5, 1e-7, f"seed={seed} {kw}")
+            _close(a, b, 1e-5, 1e-6, f"seed={seed} {kw}")
 
 
 @pytest.mark.parametrize("v", [1, 2, 5], ids=lambda v: f"V{v}")

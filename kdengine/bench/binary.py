@@ -16,8 +16,10 @@ CPU rows:
 * ``binary_max_pool2d``: 2x2 max-pool on packed channel words (AND) vs ``F.max_pool2d`` fp32 on
   the float activations of the same shape.
 
-Roofline. ``popcount_roofline_gmacs`` = threads x clock x 256 binary MACs per clock, i.e. one
-256-bit XOR + popcount + accumulate per clock per core. ``lut_bound_gmacs``
+Roofline. ``popcount_roofline_gmacs`` = threads x clock x W binary MACs per clock, i.e. one
+W-bit XOR + popcount + accumulate per clock per core, with W the vector width of the path in use:
+256 on AVX2, 512 on AVX-512 VPOPCNTDQ (one vpopcntq zmm per clock: it issues on one port on Ice
+Lake / Sapphire Rapids). ``lut_bound_gmacs``
 is the instruction-throughput bound of the algorithm actually used at these shapes, the table-lookup GEMM of
 csrc/binary/xnor_lut.cpp: one vpshufb (+ one byte add) per 128 binary MACs, and vpshufb executes on 2
 of the 4 vector pipes (Zen 3; Intel cores since Ice Lake also have 2 shuffle ports) = 256 MACs per
@@ -108,6 +110,8 @@ def _cpu_rows(quick: bool, repeat: int) -> list[dict]:
     a, b = pack_signs(x), pack_signs(y)
     s = pack_spikes((torch.rand(m, k, generator=g) < 0.2).float())
     macs = float(m * n * k)
+    isa_name = _binary_isa_name()
+    roof_bits = 512.0 if isa_name.startswith("avx512") else 256.0
     progress(f"binary GEMM {m}x{n}x{k}: torch fp32 matmul")
     base = time_fn(lambda: torch.matmul(x, y.T), repeat=repeat)
     base_1t = _cpu_seconds_1t(lambda: torch.matmul(x, y.T), repeat)
@@ -122,10 +126,10 @@ def _cpu_rows(quick: bool, repeat: int) -> list[dict]:
             "speedup_1t_cpu": base_1t / ours_1t,
         }
         if ghz:
-            roof = threads * ghz * 256.0
+            roof = threads * ghz * roof_bits
             lut = threads * ghz * MACS_PER_SHUFFLE * SHUFFLE_PIPES
             extra.update({
-                "clock_GHz": ghz,
+                "clock_GHz": ghz, "binary_isa": isa_name, "roofline_bits_per_clock": roof_bits,
                 "popcount_roofline_gmacs": roof,
                 "roofline_fraction": macs / ours["median_s"] / 1e9 / roof,
                 "lut_bound_gmacs": lut,
@@ -277,6 +281,16 @@ def run_binary_bench(quick: bool = False) -> list[dict]:
     return rows
 
 
+def _binary_isa_name() -> str:
+    """The binary kernels' instruction-set path in use ("?" without the native library)."""
+    try:
+        from kdengine import _cpu_isa
+
+        return _cpu_isa.isa_in_use("binary")[1]
+    except Exception:  # noqa: BLE001 - no native library: the rows say "?"
+        return "?"
+
+
 def notes(rows: list[dict]) -> list[str]:
     """Neutral text lines: single-thread CPU-time ratios and the GEMMs' MAC rates against the
     popcount roofline and the table-lookup bound (module docstring)."""
@@ -292,7 +306,8 @@ def notes(rows: list[dict]) -> list[str]:
                 f"{r['op']} {r['shape']}: {r['gmacs']:.0f} G binary MAC/s wall = "
                 f"{100 * r['roofline_fraction']:.0f} % of the popcount roofline "
                 f"({r['popcount_roofline_gmacs']:.0f} G = {r['threads']} cores x "
-                f"{r['clock_GHz']:.2f} GHz x 256), {100 * r['lut_bound_fraction']:.0f} % of the "
+                f"{r['clock_GHz']:.2f} GHz x {r.get('roofline_bits_per_clock', 256):.0f}, path "
+                f"{r.get('binary_isa', '?')}), {100 * r['lut_bound_fraction']:.0f} % of the "
                 f"AVX2 table-lookup bound ({r['lut_bound_gmacs']:.0f} G); per core, CPU time: "
                 f"{100 * r['roofline_fraction_1t_cpu']:.0f} % / {100 * r['lut_bound_fraction_1t_cpu']:.0f} %"
             )
