@@ -845,7 +845,12 @@ void run_rows(const IN* s, const IN* t, const int64_t* lab, IN* gs, IN* gt, doub
   const int64_t Vp = (V + 7) / 8 * 8;
   const int64_t nblk = (V + kBlock - 1) / kBlock;
   const int nbuf = 4 + (kWiden ? 4 : 0);
-  std::vector<E> buf(static_cast<size_t>(Vp) * nbuf + 2 * nblk);
+  // Per-thread scratch kept between calls: a fresh value-initialised vector (1 MB for bf16 rows at
+  // V = 32000, allocated per task of a few rows) cost a memset and, above malloc's mmap threshold,
+  // page faults in every task. Every element is written before it is read.
+  thread_local std::vector<E> buf;
+  const size_t need = static_cast<size_t>(Vp) * nbuf + 2 * nblk;
+  if (buf.size() < need) buf.resize(need);
   E* scratch = buf.data();
   E* blk = scratch + Vp * nbuf;
   E* ws = scratch + 4 * Vp;
