@@ -351,6 +351,22 @@ def _check_x(x: object) -> Tensor:
     return x
 
 
+def steps_by_neurons(x: Tensor, v_init: Optional[Tensor], sd: torch.dtype) -> tuple[Tensor, Optional[Tensor], int]:
+    """The kernels' layout: ``x`` ``(T, ...)`` as a contiguous ``(T, N)``, ``v_init`` ``(...)`` as a
+    contiguous ``(N,)`` in the state dtype ``sd`` (or None), and N (shared by the neuron ops)."""
+    n = math.prod(x.shape[1:])
+    x2 = x.reshape(x.shape[0], n).contiguous()
+    return x2, None if v_init is None else v_init.reshape(n).to(sd).contiguous(), n
+
+
+def neuron_outputs(s: Tensor, v: Tensor, x: Tensor, return_v: bool) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """The kernels' ``(T, N)`` spikes and ``(N,)`` final potential back in ``x``'s shape and dtype."""
+    spikes = s.reshape(x.shape)
+    if not return_v:
+        return spikes
+    return spikes, v.reshape(x.shape[1:]).to(x.dtype)
+
+
 def _check_v_init(v_init: object, x: Tensor) -> Tensor:
     v_init = floating_tensor("v_init", v_init, FLOAT_DTYPES, tensor_of=" or None")
     if tuple(v_init.shape) != tuple(x.shape[1:]):
@@ -493,11 +509,7 @@ def if_multistep(
     if v_init is not None:
         v_init = _check_v_init(v_init, x)
 
-    T = x.shape[0]
-    neuron_shape = x.shape[1:]
-    n = math.prod(neuron_shape)
-    x2 = x.reshape(T, n).contiguous()
-    v2 = None if v_init is None else v_init.reshape(n).to(sd).contiguous()
+    x2, v2, n = steps_by_neurons(x, v_init, sd)
 
     name = _resolve(x.device, backend)
     if n == 0 or name == "reference" or _functorch_input(x, v_init):
@@ -518,7 +530,4 @@ def if_multistep(
             save_h = bool(needs_grad and impl.saves_h)
             s, v, _ = _if_fwd(x2, v2, name, thr, hard, reset, SURROGATE_IDS[sur], a, detach_reset,
                               save_h)
-    spikes = s.reshape(x.shape)
-    if not return_v:
-        return spikes
-    return spikes, v.reshape(neuron_shape).to(x.dtype)
+    return neuron_outputs(s, v, x, return_v)

@@ -44,6 +44,8 @@ from kdengine.ops.if_multistep.op import (
     _in_state_dtype,
     check_surrogate,
     check_threshold_reset,
+    neuron_outputs,
+    steps_by_neurons,
 )
 from kdengine.ops.if_multistep.reference import SURROGATES, state_dtype
 from kdengine.ops.lif_multistep.reference import lif_multistep_reference
@@ -381,11 +383,7 @@ def lif_multistep(
     if v_init is not None:
         v_init = _check_v_init(v_init, x)
 
-    T = x.shape[0]
-    neuron_shape = x.shape[1:]
-    n = math.prod(neuron_shape)
-    x2 = x.reshape(T, n).contiguous()
-    v2 = None if v_init is None else v_init.reshape(n).to(sd).contiguous()
+    x2, v2, n = steps_by_neurons(x, v_init, sd)
     if leak_t is None and thr_t is None:
         params = _const_params(sd, str(x.device), (leak_f, thr_f, reset))
     else:
@@ -413,10 +411,7 @@ def lif_multistep(
             save_h = bool(needs_grad and impl.saves_h)
             s, v, _ = _lif_fwd(x2, v2, params, name, hard, decay_input, divide, SURROGATE_IDS[sur],
                                a, detach_reset, save_h)
-    spikes = s.reshape(x.shape)
-    if not return_v:
-        return spikes
-    return spikes, v.reshape(neuron_shape).to(x.dtype)
+    return neuron_outputs(s, v, x, return_v)
 
 
 __all__ = ["lif_multistep"]
